@@ -1,0 +1,92 @@
+"""SamplerActor: samples n student trajectories per prompt on the FULL image, with sampled-token log-probs.
+
+A plain class; the driver makes it a Ray actor with resources from the config (`ray.remote(**opts)(Sampler)`), so
+tests can build it in-process too. It owns one engine (vLLM where installed, transformers otherwise) and a policy
+version: every trajectory it returns is stamped with the version of the weights that produced it, and because a
+Ray actor runs one method at a time, a weight update queued behind a `generate` never lands inside that batch.
+After a restart (Ray `max_restarts`) it starts again at version 0 with the initial weights; the driver sees the
+stale version and pushes the current weights before giving it work.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+
+import torch
+from vzero.images import decode_rgb
+
+from vzero.config import TrainConfig
+from vzero.engines import GenerateRequest, SamplingSpec, create_engine
+from vzero.records import Prompt, Trajectory
+from vzero.runtime import actor_device, setup_threads
+from vzero.vlm_inputs import chat_prompt_ids
+
+
+class Sampler:
+    def __init__(self, cfg: TrainConfig, rank: int = 0):
+        self.cfg = cfg
+        self.rank = rank
+        setup_threads(cfg.rollout.resources)
+        self.device = actor_device(cfg.rollout.resources)
+        self.engine = create_engine(
+            cfg.rollout.engine,
+            cfg.student,
+            device=self.device,
+            vllm=cfg.rollout.vllm,
+            seed=cfg.seed + rank,
+            batch_size=cfg.rollout.hf_batch_size,
+            worker_extension="actors.weight_receiver.WeightReceiverExtension",
+        )
+        self.tokenizer = self.engine.tokenizer
+        self.version = 0
+
+    def generate(self, prompts: list[Prompt], *, seed: int) -> tuple[list[Trajectory], dict[str, float]]:
+        """n trajectories per prompt, grouped by prompt (group id = prompt uid), plus timing stats."""
+        r = self.cfg.rollout
+        t0 = time.perf_counter()
+        requests = [
+            GenerateRequest(prompt_ids=chat_prompt_ids(self.tokenizer, p.question), image=decode_rgb(p.image))
+            for p in prompts
+        ]
+        spec = SamplingSpec(n=r.n, temperature=r.temperature, top_p=r.top_p, max_tokens=r.max_tokens, seed=seed)
+        groups = self.engine.generate(requests, spec)
+        trajectories = [
+            Trajectory(
+                uid=p.uid,
+                sample_index=j,
+                policy_version=self.version,
+                prompt_ids=req.prompt_ids,
+                response_ids=s.response_ids,
+                lp_old=s.logprobs,
+                finish_reason=s.finish_reason,
+            )
+            for p, req, group in zip(prompts, requests, groups, strict=True)
+            for j, s in enumerate(group)
+        ]
+        seconds = time.perf_counter() - t0
+        tokens = sum(t.num_tokens for t in trajectories)
+        return trajectories, {"seconds": seconds, "tokens": float(tokens), "engine": self.engine.name}
+
+    def update_weights(self, weights: Iterable[tuple[str, torch.Tensor]], version: int) -> dict[str, float]:
+        """Load a pushed state (HF names) in place; a version we already have is skipped."""
+        if version <= self.version:
+            return {"skipped": 1.0, "seconds": 0.0, "version": float(self.version)}
+        t0 = time.perf_counter()
+        weights = list(weights)
+        nbytes = sum(t.numel() * t.element_size() for _, t in weights)
+        n = self.engine.load_weights(weights)
+        self.version = version
+        return {
+            "skipped": 0.0,
+            "seconds": time.perf_counter() - t0,
+            "tensors": float(n),
+            "bytes": float(nbytes),
+            "version": float(version),
+        }
+
+    def policy_version(self) -> int:
+        return self.version
+
+    def engine_name(self) -> str:
+        return self.engine.name

@@ -1,0 +1,212 @@
+"""LearnerActor: owns the student being trained; recomputes its log-probs, applies the gated loss, steps, publishes.
+
+Per step: the trajectories (with sampler log-probs, positive-view teacher log-probs and gate weights) are split into
+micro-batches; each is teacher-forced through the student on the FULL image (the student's own view), the loss is
+`gated_opd_loss` with the step's total valid-token count as denominator (so accumulating micro-batch gradients gives
+exactly the token-mean of the whole step), gradients are clipped, AdamW steps and the policy version increments.
+A micro-batch that runs out of memory is split in half and retried; a single trajectory that still does not fit
+fails with the knobs to turn.
+
+A plain class; the driver makes it a Ray actor. Knows nothing about samplers or the teacher: weights leave through
+`state_for_push` and the weight-sync sender.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from vzero.images import decode_rgb
+
+from learner.losses import gated_opd_loss
+from vzero.batching import length_mask, pad_ragged
+from vzero.checkpoint import load_training_state, save_training_state
+from vzero.config import TrainConfig
+from vzero.logprobs import response_logprobs
+from vzero.models.loading import load_model, load_processor, resolve_dtype
+from vzero.records import Prompt, Trajectory
+from vzero.runtime import actor_device, setup_threads
+from vzero.vlm_inputs import EncodedImage, ImageEncoder, collate
+
+
+def _is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+class Learner:
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        setup_threads(cfg.learner.resources)
+        self.device = torch.device(actor_device(cfg.learner.resources))
+        s = cfg.student
+        # Master weights in fp32; the forward runs under bf16 autocast on GPU (fp32 on CPU, where autocast is off).
+        self.model = load_model(s.path, dtype="float32", device=str(self.device), trust_remote_code=s.trust_remote_code)
+        self.autocast_dtype = resolve_dtype(cfg.learner.dtype, str(self.device))
+        if cfg.learner.gradient_checkpointing:
+            self.model.gradient_checkpointing_enable()
+        self.frozen = set()
+        if cfg.learner.freeze_vision:
+            for name, p in self.model.named_parameters():
+                if ".visual." in f".{name}":
+                    p.requires_grad_(False)
+                    self.frozen.add(name)
+        self.model.train()
+        processor = load_processor(s.path, trust_remote_code=s.trust_remote_code)
+        self.tokenizer = processor.tokenizer
+        self.encoder = ImageEncoder(processor.image_processor, min_pixels=s.min_pixels, max_pixels=s.max_pixels)
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self.image_pad_id = self.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+        L = cfg.learner
+        self.optimizer = torch.optim.AdamW(
+            [p for p in self.model.parameters() if p.requires_grad], lr=L.lr, betas=L.betas, weight_decay=L.weight_decay
+        )
+        self.version = 0
+
+    # -- forward helpers ----------------------------------------------------------------------------------------
+    def _autocast(self):
+        if self.device.type == "cuda" and self.autocast_dtype != torch.float32:
+            return torch.autocast("cuda", dtype=self.autocast_dtype)
+        return nullcontext()
+
+    def _encode_images(self, prompts: dict[str, Prompt], uids: list[str]) -> dict[str, EncodedImage]:
+        return {u: self.encoder(decode_rgb(prompts[u].image)) for u in dict.fromkeys(uids)}
+
+    def _batch(self, trajs: list[Trajectory], images: dict[str, EncodedImage]):
+        rows = [(t.prompt_ids, images[t.uid], t.response_ids) for t in trajs]
+        return collate(rows, pad_id=self.pad_id, image_pad_id=self.image_pad_id).to(self.device)
+
+    @torch.no_grad()
+    def logprobs(self, trajectories: list[Trajectory], prompts: dict[str, Prompt]) -> list[list[float]]:
+        """Current student log-probs of the given responses (evaluation / tests: do the weights move?)."""
+        self.model.eval()
+        try:
+            images = self._encode_images(prompts, [t.uid for t in trajectories])
+            with self._autocast():
+                res = response_logprobs(self.model, self._batch(trajectories, images))
+            return [res.logprobs[i, : t.num_tokens].float().tolist() for i, t in enumerate(trajectories)]
+        finally:
+            self.model.train()
+
+    # -- training -----------------------------------------------------------------------------------------------
+    def _micro_loss(self, trajs: list[Trajectory], images, n_valid: int) -> tuple[float, dict[str, float], int]:
+        """Forward + backward of one micro-batch; returns (loss contribution, metrics, sequence tokens)."""
+        c = self.cfg.loss
+        batch = self._batch(trajs, images)
+        topk = c.mode == "forward_kl_topk"
+        with self._autocast():
+            res = response_logprobs(self.model, batch, return_logits=topk)
+        mask = length_mask([t.num_tokens for t in trajs]).to(self.device)
+        old = pad_ragged([t.lp_old for t in trajs]).to(self.device)
+        teacher = pad_ragged([t.lp_pos for t in trajs]).to(self.device)
+        if self.cfg.gate.level == "token":
+            weights = pad_ragged([t.token_weights for t in trajs]).to(self.device)
+        else:
+            weights = torch.tensor([t.weight for t in trajs], dtype=torch.float32, device=self.device)
+        teacher_topk = None
+        if topk:
+            teacher_topk = (
+                pad_ragged([[i for row in t.teacher_topk_ids for i in row] for t in trajs], dtype=torch.long)
+                .view(len(trajs), -1, c.teacher_topk)
+                .to(self.device),
+                pad_ragged([[v for row in t.teacher_topk_logprobs for v in row] for t in trajs])
+                .view(len(trajs), -1, c.teacher_topk)
+                .to(self.device),
+            )
+        loss, metrics = gated_opd_loss(
+            res.logprobs,
+            old,
+            teacher,
+            mask,
+            weights,
+            mode=c.mode,
+            clip_low=c.clip_low,
+            clip_high=c.clip_high,
+            kl_clamp=c.kl_clamp,
+            logprob_min=c.logprob_min,
+            teacher_topk=teacher_topk,
+            student_logits=res.logits,
+            num_valid_tokens=n_valid,
+        )
+        loss.backward()
+        return float(loss.detach()), metrics, batch.num_tokens
+
+    def _run(self, trajs: list[Trajectory], images, n_valid: int, acc: dict[str, float]) -> None:
+        """Run a micro-batch; on out-of-memory split it in half and retry (down to one trajectory)."""
+        try:
+            loss, metrics, seq_tokens = self._micro_loss(trajs, images, n_valid)
+        except (torch.cuda.OutOfMemoryError, RuntimeError) as exc:
+            if not _is_oom(exc):
+                raise
+            # Gradients of micro-batches that finished are kept; an OOM inside backward could leave a partial
+            # gradient behind, which is why the split happens before the failing part's backward completes.
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            if len(trajs) == 1:
+                raise RuntimeError(
+                    f"learner out of memory on a single trajectory of {trajs[0].num_tokens} response tokens; lower "
+                    "rollout.max_tokens or student.max_pixels, or set learner.gradient_checkpointing=true"
+                ) from exc
+            acc["oom_splits"] = acc.get("oom_splits", 0.0) + 1
+            half = len(trajs) // 2
+            self._run(trajs[:half], images, n_valid, acc)
+            self._run(trajs[half:], images, n_valid, acc)
+            return
+        tokens = sum(t.num_tokens for t in trajs)
+        acc["loss"] = acc.get("loss", 0.0) + loss
+        acc["seq_tokens"] = acc.get("seq_tokens", 0.0) + seq_tokens
+        for k, v in metrics.items():  # token-weighted means across micro-batches
+            if k == "loss":
+                continue
+            key = f"loss/{k}"
+            acc[key] = max(acc.get(key, v), v) if k.endswith("_max") else acc.get(key, 0.0) + v * tokens / n_valid
+
+    def train_step(self, trajectories: list[Trajectory], prompts: dict[str, Prompt]) -> dict[str, float]:
+        """One optimiser step over all the step's trajectories; returns metrics (loss, grad norm, tokens/s)."""
+        t0 = time.perf_counter()
+        images = self._encode_images(prompts, [t.uid for t in trajectories])
+        n_valid = max(1, sum(t.num_tokens for t in trajectories))
+        mb = self.cfg.learner.micro_batch_size
+        acc: dict[str, float] = {}
+        self.optimizer.zero_grad(set_to_none=True)
+        for i in range(0, len(trajectories), mb):
+            self._run(trajectories[i : i + mb], images, n_valid, acc)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.learner.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.version += 1
+        seconds = time.perf_counter() - t0
+        out = {k: v for k, v in acc.items() if k != "seq_tokens"}
+        out.update(
+            {
+                "learner/grad_norm": float(grad_norm),
+                "learner/seconds": seconds,
+                "learner/tokens_per_s": n_valid / seconds,
+                "learner/seq_tokens_per_s": acc.get("seq_tokens", 0.0) / seconds,
+                "policy_version": float(self.version),
+            }
+        )
+        return out
+
+    # -- weights out ------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def state_for_push(self) -> list[tuple[str, torch.Tensor]]:
+        """HF-named tensors the samplers need (frozen ones skipped: they never change), as CPU tensors."""
+        return [
+            (n, p.detach().to("cpu", copy=True)) for n, p in self.model.state_dict().items() if n not in self.frozen
+        ]
+
+    def policy_version(self) -> int:
+        return self.version
+
+    # -- checkpoints ------------------------------------------------------------------------------------------
+    def save(self, directory: str) -> None:
+        """Write model (HF format, safetensors) + optimizer + RNG into `directory` (the driver makes it atomic)."""
+        save_training_state(Path(directory), self.model, self.optimizer, self.cfg.student.path, self.version)
+
+    def load(self, directory: str) -> int:
+        """Restore model, optimizer, RNG and version from a checkpoint directory; returns the version."""
+        self.version = load_training_state(Path(directory), self.model, self.optimizer)
+        return self.version

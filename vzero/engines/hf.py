@@ -1,0 +1,136 @@
+"""The transformers engine: batched `generate` and teacher-forced scoring with a Hugging Face model.
+
+The fallback wherever vLLM is not importable (and the reference the vLLM engine is tested against). Sampled-token
+log-probs come from the raw logits `generate` returns (`output_logits=True`), i.e. before temperature / top-p, as
+vLLM's default `raw_logprobs` does. Vision placeholder tokens are suppressed while sampling: a sampled
+`<|image_pad|>` would make the response unreplayable (the model would look for an image that is not there).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+from vzero.engines.base import Engine, GenerateRequest, Sample, SamplingSpec, ScoreRequest, ScoreResult
+from vzero.logprobs import response_logprobs
+from vzero.models.loading import load_model, load_processor, vision_token_ids
+from vzero.vlm_inputs import ImageEncoder, collate
+
+
+class HFEngine(Engine):
+    name = "transformers"
+
+    def __init__(
+        self,
+        path: str,
+        *,
+        dtype: str = "auto",
+        device: str = "cpu",
+        min_pixels: int,
+        max_pixels: int,
+        batch_size: int = 16,
+        trust_remote_code: bool = False,
+    ):
+        self.device = torch.device(device)
+        self.processor = load_processor(path, trust_remote_code=trust_remote_code)
+        self.model = load_model(path, dtype=dtype, device=device, trust_remote_code=trust_remote_code).eval()
+        self.tokenizer = self.processor.tokenizer
+        self.encoder = ImageEncoder(self.processor.image_processor, min_pixels=min_pixels, max_pixels=max_pixels)
+        self.batch_size = batch_size
+        self.image_pad_id = self.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        gen_eos = self.model.generation_config.eos_token_id
+        eos = gen_eos if isinstance(gen_eos, list) else [gen_eos]
+        self.eos_ids = sorted({int(e) for e in eos if e is not None} | {int(self.tokenizer.eos_token_id)})
+        self.suppress_ids = vision_token_ids(self.tokenizer)
+
+    # -- sampling ---------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, requests: list[GenerateRequest], spec: SamplingSpec) -> list[list[Sample]]:
+        out: list[list[Sample]] = []
+        for start in range(0, len(requests), self.batch_size):
+            chunk = requests[start : start + self.batch_size]
+            out.extend(self._generate_chunk(chunk, spec, seed=spec.seed + start))
+        return out
+
+    def _generate_chunk(self, chunk: list[GenerateRequest], spec: SamplingSpec, seed: int) -> list[list[Sample]]:
+        rows = [(r.prompt_ids, self.encoder(r.image), []) for r in chunk]
+        batch = collate(rows, pad_id=self.pad_id, image_pad_id=self.image_pad_id).to(self.device)
+        inputs = batch.model_inputs()
+        torch.manual_seed(seed)
+        gen = self.model.generate(
+            **inputs,
+            do_sample=True,
+            temperature=spec.temperature,
+            top_p=spec.top_p,
+            top_k=0,
+            max_new_tokens=spec.max_tokens,
+            num_return_sequences=spec.n,
+            eos_token_id=self.eos_ids,
+            pad_token_id=self.pad_id,
+            suppress_tokens=self.suppress_ids,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+        new_tokens = gen.sequences[:, inputs["input_ids"].shape[1] :]  # [B*n, S]
+        logits = torch.stack(gen.logits, dim=1).float()  # [B*n, S, V] raw logits
+        token_lp = torch.log_softmax(logits, dim=-1).gather(-1, new_tokens.unsqueeze(-1)).squeeze(-1)
+        samples: list[list[Sample]] = []
+        eos = set(self.eos_ids)
+        for i in range(len(chunk)):
+            group = []
+            for j in range(spec.n):
+                row = i * spec.n + j
+                ids = new_tokens[row].tolist()
+                stop_at = next((k for k, t in enumerate(ids) if t in eos), None)
+                T = len(ids) if stop_at is None else stop_at + 1
+                group.append(
+                    Sample(
+                        response_ids=ids[:T],
+                        logprobs=token_lp[row, :T].tolist(),
+                        finish_reason="length" if stop_at is None else "stop",
+                    )
+                )
+            samples.append(group)
+        return samples
+
+    # -- scoring ----------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def score(self, requests: list[ScoreRequest]) -> list[ScoreResult]:
+        results: list[ScoreResult] = []
+        encoded: dict[int, object] = {}  # the n trajectories of a prompt share one image object: encode it once
+        for start in range(0, len(requests), self.batch_size):
+            chunk = requests[start : start + self.batch_size]
+            rows = []
+            for r in chunk:
+                enc = encoded.get(id(r.image))
+                if enc is None:
+                    enc = encoded[id(r.image)] = self.encoder(r.image)
+                rows.append((r.prompt_ids, enc, r.response_ids))
+            batch = collate(rows, pad_id=self.pad_id, image_pad_id=self.image_pad_id).to(self.device)
+            topk = max(r.topk for r in chunk)
+            res = response_logprobs(self.model, batch, topk=topk)
+            for i, r in enumerate(chunk):
+                T, k = len(r.response_ids), r.topk
+                results.append(
+                    ScoreResult(
+                        logprobs=res.logprobs[i, :T].float().tolist(),
+                        topk_ids=res.topk_ids[i, :T, :k].tolist() if k else None,
+                        topk_logprobs=res.topk_logprobs[i, :T, :k].float().tolist() if k else None,
+                    )
+                )
+        return results
+
+    # -- weights ----------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> int:
+        params = dict(self.model.named_parameters())
+        params.update(dict(self.model.named_buffers()))
+        n = 0
+        for name, tensor in weights:
+            if name not in params:
+                raise KeyError(f"weight {name!r} does not exist in the sampler's model (different architecture?)")
+            params[name].copy_(tensor.to(params[name].device, params[name].dtype))
+            n += 1
+        return n
