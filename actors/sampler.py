@@ -14,10 +14,10 @@ import time
 from collections.abc import Iterable
 
 import torch
-from vzero.images import decode_rgb
 
 from vzero.config import TrainConfig
 from vzero.engines import GenerateRequest, SamplingSpec, create_engine
+from vzero.images import decode_rgb
 from vzero.records import Prompt, Trajectory
 from vzero.runtime import actor_device, setup_threads
 from vzero.vlm_inputs import chat_prompt_ids
@@ -88,5 +88,6 @@ class Sampler:
     def policy_version(self) -> int:
         return self.version
 
-    def engine_name(self) -> str:
-        return self.engine.name
+    def ready(self) -> str:
+        """Returns once __init__ finished (the driver waits on it); names the engine."""
+        return f"sampler-{self.rank}: {self.engine.name} on {self.device}"

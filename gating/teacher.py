@@ -14,7 +14,6 @@ from __future__ import annotations
 import time
 
 import torch
-from vzero.views import views_for
 
 from gating.gate import evidence_weights
 from vzero.batching import length_mask, pad_ragged
@@ -22,6 +21,7 @@ from vzero.config import TrainConfig
 from vzero.engines import ScoreRequest, create_engine
 from vzero.records import Prompt, Trajectory
 from vzero.runtime import actor_device, setup_threads
+from vzero.views import views_for
 from vzero.vlm_inputs import chat_prompt_ids
 
 
@@ -112,5 +112,6 @@ class Gating:
         )
         return trajectories, stats
 
-    def engine_name(self) -> str:
-        return self.engine.name
+    def ready(self) -> str:
+        """Returns once __init__ finished (the driver waits on it); names the engine."""
+        return f"gating-{self.rank}: {self.engine.name} on {self.device}"

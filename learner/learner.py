@@ -18,12 +18,12 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-from vzero.images import decode_rgb
 
 from learner.losses import gated_opd_loss
 from vzero.batching import length_mask, pad_ragged
 from vzero.checkpoint import load_training_state, save_training_state
 from vzero.config import TrainConfig
+from vzero.images import decode_rgb
 from vzero.logprobs import response_logprobs
 from vzero.models.loading import load_model, load_processor, resolve_dtype
 from vzero.records import Prompt, Trajectory
@@ -210,3 +210,7 @@ class Learner:
         """Restore model, optimizer, RNG and version from a checkpoint directory; returns the version."""
         self.version = load_training_state(Path(directory), self.model, self.optimizer)
         return self.version
+
+    def ready(self) -> str:
+        """Returns once __init__ finished (the driver waits on it)."""
+        return f"learner: transformers on {self.device}"

@@ -108,19 +108,16 @@ def save_training_state(
 
 
 def load_training_state(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
-    """Inverse of `save_training_state`; returns the saved policy version."""
-    from safetensors.torch import load_model as load_st_model
+    """Inverse of `save_training_state`; returns the saved policy version.
 
-    files = sorted((directory / "model").glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"checkpoint {directory} has no model/*.safetensors")
-    if len(files) == 1:
-        load_st_model(model, str(files[0]), strict=False)
-    else:
-        merged: dict[str, torch.Tensor] = {}
-        for f in files:
-            merged.update(load_file(str(f)))
-        model.load_state_dict(merged, strict=False)
+    The model is re-read through transformers (the same name mapping `save_pretrained` used) and copied in with
+    `strict=True`: a silently skipped tensor would make a resumed run diverge.
+    """
+    from vzero.models.loading import load_model
+
+    saved = load_model(directory / "model", dtype="float32", device="cpu")
+    model.load_state_dict(saved.state_dict(), strict=True)
+    del saved
     meta = json.loads((directory / "optimizer.json").read_text())
     flat = load_file(str(directory / "optimizer.safetensors"))
     state: dict[int, dict] = {}

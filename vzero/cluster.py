@@ -88,7 +88,7 @@ def spawn(cls: type, resources: ActorResources, name: str, *args: Any) -> Any:
     return ray.remote(**opts)(cls).remote(*args)
 
 
-def wait_ready(actors: dict[str, Any], probe: str = "engine_name", timeout_s: float = 900.0) -> dict[str, Any]:
+def wait_ready(actors: dict[str, Any], probe: str = "ready", timeout_s: float = 900.0) -> dict[str, Any]:
     """Block until every actor finished `__init__`; re-raise the first init failure with the actor's name."""
     refs = {name: getattr(a, probe).remote() for name, a in actors.items()}
     out = {}

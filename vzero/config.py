@@ -181,8 +181,11 @@ class GateConfig(_Strict):
     alpha: float = Field(0.5, ge=0)
     """Gate sharpness: w = clamp(1 + α·A, w_min, w_max)."""
     w_min: float = Field(0.0, ge=0)
+    """Lower clamp of a weight (0 lets the gate switch a trajectory off entirely)."""
     w_max: float = Field(2.0, gt=0)
+    """Upper clamp of a weight."""
     eps: float = Field(1e-6, gt=0)
+    """Guards the divisions (token count, group std)."""
 
     @model_validator(mode="after")
     def _bounds(self) -> GateConfig:
@@ -197,7 +200,9 @@ class LossConfig(_Strict):
     mode: Literal["k1_pg", "k3", "forward_kl_topk"] = "k1_pg"
     """k1 with PPO-clip policy gradient (default), supervised k3, or forward KL over the teacher's top-k."""
     clip_low: float = Field(0.2, ge=0, lt=1)
+    """PPO ratio clip below 1 (ratio >= 1 - clip_low)."""
     clip_high: float = Field(0.2, ge=0)
+    """PPO ratio clip above 1 (ratio <= 1 + clip_high)."""
     kl_clamp: float = Field(10.0, gt=0)
     """|k1| is clamped to this."""
     logprob_min: float = Field(-10.0, lt=0)
@@ -210,8 +215,11 @@ class LearnerConfig(_Strict):
     """The student being trained."""
 
     lr: float = Field(1e-6, gt=0)
+    """AdamW learning rate (the authors use 1e-6 for 4B students)."""
     weight_decay: float = Field(0.0, ge=0)
+    """AdamW decoupled weight decay."""
     betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas."""
     grad_clip: float = Field(1.0, gt=0)
     """Max global grad norm."""
     micro_batch_size: int = Field(8, ge=1)
@@ -219,6 +227,7 @@ class LearnerConfig(_Strict):
     dtype: DType = "auto"
     """Autocast dtype for the forward: auto = bf16 on GPU, fp32 on CPU."""
     gradient_checkpointing: bool = False
+    """Recompute activations in backward: less memory for long responses, ~30% more compute."""
     freeze_vision: bool = False
     """Keep the vision tower fixed: it is not trained and not pushed to samplers."""
     weight_push_every: int = Field(1, ge=1)
@@ -237,12 +246,16 @@ class RayConfig(_Strict):
     num_cpus: float | None = None
     """Logical CPUs of the local cluster (unset = Ray's count)."""
     num_gpus: float | None = None
+    """GPUs of the local cluster (unset = Ray's count)."""
     include_dashboard: bool = False
     """Start the dashboard with the local cluster (on 127.0.0.1)."""
     namespace: str = "vzero"
+    """Ray namespace of the job's actors."""
 
 
 class CheckpointConfig(_Strict):
+    """When to write checkpoints (model + optimizer + RNG + data position) under output_dir/checkpoints."""
+
     every: int = Field(0, ge=0)
     """Checkpoint every N steps (0 = only at the end); always at the end and on SIGTERM."""
     keep_last: int = Field(2, ge=1)
@@ -250,9 +263,12 @@ class CheckpointConfig(_Strict):
 
 
 class LoggingConfig(_Strict):
+    """Where metrics go: output_dir/metrics.jsonl always; TensorBoard, console and the Ray dashboard optionally."""
+
     tensorboard: bool = True
     """Also write TensorBoard events under output_dir/tb."""
     progress_bar: bool = True
+    """Show a per-step progress bar on the console."""
     save_trajectories: bool = True
     """Keep every step's trajectories (ids, log-probs, teacher log-probs, weights) as Parquet."""
     ray_metrics: bool = True
@@ -267,6 +283,7 @@ class TrainConfig(_Strict):
     output_dir: str = "runs/vzero"
     """Metrics, checkpoints, trajectories and quarantine go here."""
     seed: int = 0
+    """Base seed: data order, sampling seeds per step and sampler, hard-negative crops, model init."""
     mode: Literal["sync", "async"] = "sync"
     """`sync` = strictly on-policy; `async` = samplers work on step k+1 while the learner trains on step k."""
     max_staleness: int = Field(1, ge=0)

@@ -88,7 +88,8 @@ class Run:
         named = {f"sampler-{i}": a for i, a in enumerate(self.samplers)}
         named.update({f"gating-{i}": a for i, a in enumerate(self.gaters)})
         named["learner"] = self.learner
-        self.engines = wait_ready(named, probe="engine_name")
+        self.engines = wait_ready(named)
+        log.info("actors ready: %s", "; ".join(self.engines.values()))
         self.quarantine = QuarantineWriter(self.out / "quarantine.parquet")
         self.stream = PromptStream(
             cfg.data.path,

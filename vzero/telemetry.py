@@ -32,7 +32,7 @@ COUNTERS: dict[str, tuple[str, str, str]] = {
 }
 QUARANTINE = "vzero_quarantined_rows"
 WEIGHT_HIST = "vzero_gate_weight"
-WEIGHT_BOUNDARIES = [0.0, 0.25, 0.5, 0.75, 0.9, 1.0, 1.1, 1.25, 1.5, 1.75, 2.0]
+WEIGHT_BOUNDARIES = [0.01, 0.25, 0.5, 0.75, 0.9, 1.0, 1.1, 1.25, 1.5, 1.75, 2.0]
 
 
 class Telemetry:

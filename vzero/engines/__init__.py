@@ -25,7 +25,10 @@ __all__ = [
 
 
 def vllm_available() -> bool:
-    return importlib.util.find_spec("vllm") is not None
+    try:
+        return importlib.util.find_spec("vllm") is not None
+    except (ImportError, ValueError):  # a broken or deliberately blocked install counts as absent
+        return False
 
 
 def resolve_engine_kind(kind: EngineKind) -> str:

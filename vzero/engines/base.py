@@ -54,6 +54,17 @@ class ScoreResult:
     topk_logprobs: list[list[float]] | None = None  # (T, k)
 
 
+def banned_token_ids(tokenizer: object, vocab_size: int) -> list[int]:
+    """Ids a sampler must never emit: vision placeholders, and lm_head rows past the tokenizer (no token behind them).
+
+    A random-init model (or a real one: Qwen's lm_head has ~270 padding rows) can sample either; a sampled
+    `<|image_pad|>` makes the response unreplayable, an id without a token cannot be decoded.
+    """
+    from vzero.models.loading import vision_token_ids
+
+    return sorted(set(vision_token_ids(tokenizer)) | set(range(len(tokenizer), vocab_size)))
+
+
 class Engine(ABC):
     """A model that can sample, score and take new weights in place."""
 

