@@ -13,7 +13,7 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("RAY_AUTH_MODE", "disable")  # a stale ~/.ray/auth_token must not break local clusters
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a stale ~/.ray/auth_token must not break local clusters
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -270,7 +270,7 @@ class Run:
                 if cfg.logging.save_trajectories:
                     write_step(self.out / "trajectories", job.step, trajectories)
                 record = self.metrics.log(self.step, metrics)
-                self.telemetry.record(record)
+                self.telemetry.record(record, [t.weight for t in trajectories])
                 bar.update(1)
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}", w=f"{metrics.get('gate/weight_mean', 1):.2f}")
                 if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and self.step < cfg.steps:

@@ -26,7 +26,7 @@ class GenerateRequest:
 @dataclass
 class SamplingSpec:
     n: int
-    temperature: float
+    temperature: float  # 0 = greedy (evaluation)
     top_p: float
     max_tokens: int
     seed: int  # request i uses seed + i (and vLLM child j of it seed + i + j): reproducible for a step

@@ -68,12 +68,14 @@ class HFEngine(Engine):
         batch = collate(rows, pad_id=self.pad_id, image_pad_id=self.image_pad_id).to(self.device)
         inputs = batch.model_inputs()
         torch.manual_seed(seed)
+        greedy = spec.temperature == 0  # evaluation: greedy decoding, as vLLM does for temperature 0
+        if greedy and spec.n != 1:
+            raise ValueError("greedy decoding (temperature 0) needs n == 1")
+        sampling = {} if greedy else {"temperature": spec.temperature, "top_p": spec.top_p, "top_k": 0}
         gen = self.model.generate(
             **inputs,
-            do_sample=True,
-            temperature=spec.temperature,
-            top_p=spec.top_p,
-            top_k=0,
+            do_sample=not greedy,
+            **sampling,
             max_new_tokens=spec.max_tokens,
             num_return_sequences=spec.n,
             eos_token_id=self.eos_ids,
