@@ -106,18 +106,26 @@ def call_with_retry(
     *,
     what: str,
     on_restart: Callable[[], None] | None = None,
-    attempts: int = 3,
-    timeout_s: float | None = None,
+    deadline_s: float = 300.0,
 ) -> Any:
-    """ray.get(submit()); if the actor died, run `on_restart` (e.g. re-push weights) and resubmit the same work."""
-    for attempt in range(1, attempts + 1):
+    """ray.get(submit()); if the actor died, wait for Ray to restart it, run `on_restart` (e.g. re-push weights) and
+    resubmit the same work. Gives up after `deadline_s` (an actor out of `max_restarts` never comes back)."""
+    start = time.monotonic()
+    attempt = 0
+    while True:
         try:
-            return ray.get(submit(), timeout=timeout_s)
+            result = ray.get(submit())
+            if attempt and on_restart is None:
+                log.info("%s: recovered after %d retries", what, attempt)
+            return result
         except ACTOR_ERRORS as exc:
-            if attempt == attempts:
-                raise RuntimeError(f"{what} failed {attempts} times; last error: {exc}") from exc
-            log.warning("%s: actor died (%s); retrying (%d/%d)", what, type(exc).__name__, attempt, attempts - 1)
-            time.sleep(0.5)
+            attempt += 1
+            if time.monotonic() - start > deadline_s:
+                raise RuntimeError(f"{what} failed for {deadline_s:.0f}s ({attempt} tries); last error: {exc}") from exc
+            log.warning("%s: actor unavailable (%s); retry %d", what, type(exc).__name__, attempt)
+            time.sleep(min(5.0, 0.25 * 2**attempt))  # the restarted actor re-runs __init__ (loads its model)
             if on_restart is not None:
-                on_restart()
-    raise AssertionError("unreachable")
+                try:
+                    on_restart()
+                except ACTOR_ERRORS:
+                    continue  # still restarting: the next round tries again

@@ -55,6 +55,7 @@ class InFlight:
 
     step: int
     prompts: list[Prompt]
+    version: int  # the policy version every trajectory of this step must carry
     chunks: list[list[Prompt]]  # per sampler
     seeds: list[int]
     refs: list[Any]
@@ -102,7 +103,9 @@ class Run:
         self.telemetry = Telemetry(enabled=cfg.logging.ray_metrics)
         self.step = 0
         self.version = 0
-        self.weights_ref: Any = None
+        self.weight_refs: dict[int, Any] = {}  # recent published versions (async may need an older one again)
+        self.faults = 0  # actor deaths / restarts the loop recovered from
+        self.pushed_version = 0  # what the samplers hold (lags self.version when learner.weight_push_every > 1)
         self.stop_requested = False
         if resume:
             self._resume()
@@ -139,12 +142,25 @@ class Run:
     # -- weights ------------------------------------------------------------------------------------------------
     def _publish_weights(self) -> None:
         """One put of the learner's current state into the object store (samplers get it from there)."""
-        self.weights_ref = self.learner.state_for_push.remote()
+        self.weight_refs[self.version] = self.learner.state_for_push.remote()
+        keep = self.version - self.cfg.max_staleness - 1
+        self.weight_refs = {v: r for v, r in self.weight_refs.items() if v >= keep}
 
-    def _push_one(self, sampler: Any) -> Any:
-        return sampler.update_weights.remote(self.weights_ref, self.version)
+    def _push_one(self, sampler: Any, version: int | None = None) -> Any:
+        version = self.version if version is None else version
+        return sampler.update_weights.remote(self.weight_refs[version], version)
+
+    def _count_fault(self) -> None:
+        self.faults += 1
+
+    def _restore_sampler(self, i: int, version: int) -> None:
+        """A restarted sampler is back at the initial weights (version 0): bring it to `version`."""
+        self.faults += 1
+        if version > 0:
+            ray.get(self._push_one(self.samplers[i], version))
 
     def _push_all(self) -> dict[str, float]:
+        self.pushed_version = self.version
         t0 = time.perf_counter()
         results = call_with_retry(
             lambda: [self._push_one(s) for s in self.samplers], what="weight push", on_restart=None
@@ -168,7 +184,7 @@ class Run:
         refs = [
             s.generate.remote(c, seed=sd) if c else None for s, c, sd in zip(self.samplers, chunks, seeds, strict=True)
         ]
-        return InFlight(step, prompts, chunks, seeds, refs, time.perf_counter())
+        return InFlight(step, prompts, self.pushed_version, chunks, seeds, refs, time.perf_counter())
 
     def _collect_rollout(self, job: InFlight) -> list[Trajectory]:
         trajectories: list[Trajectory] = []
@@ -176,17 +192,24 @@ class Run:
         for i, (chunk, ref) in enumerate(zip(job.chunks, job.refs, strict=True)):
             if ref is None:
                 continue
-            # A sampler that died is restarted by Ray; give it the current weights, then the same prompts + seed.
+            # A sampler that died mid-call is restarted by Ray: give it this batch's weights, then the same prompts
+            # and seed (nothing lost, nothing duplicated). One that died between calls answers with version 0.
             first = [ref]
 
             def submit(i=i, chunk=chunk, first=first) -> Any:
                 return first.pop() if first else self.samplers[i].generate.remote(chunk, seed=job.seeds[i])
 
             def restarted(i=i) -> None:
-                if self.weights_ref is not None:
-                    ray.get(self._push_one(self.samplers[i]))
+                self._restore_sampler(i, job.version)
 
-            trajs, st = call_with_retry(submit, what=f"sampler-{i} generate (step {job.step})", on_restart=restarted)
+            what = f"sampler-{i} generate (step {job.step})"
+            trajs, st = call_with_retry(submit, what=what, on_restart=restarted)
+            if trajs[0].policy_version != job.version:  # restarted silently between two calls
+                log.warning("%s: sampler came back at version %d; re-pushing", what, trajs[0].policy_version)
+                self._restore_sampler(i, job.version)
+                trajs, st = call_with_retry(submit, what=what, on_restart=restarted)
+            if self.pushed_version > job.version and self.faults:  # async: pushes queued on the dead actor were lost
+                ray.get(self._push_one(self.samplers[i], self.pushed_version))
             trajectories.extend(trajs)
             seconds = max(seconds, st["seconds"])
             tokens += st["tokens"]
@@ -225,7 +248,11 @@ class Run:
             def submit(i=i, part=part, prompts=prompts, first=first) -> Any:
                 return first.pop() if first else self.gaters[i].gate.remote(part, prompts)
 
-            trajs, st = call_with_retry(submit, what=f"gating-{i} (step {job.step})")
+            trajs, st = call_with_retry(
+                submit,
+                what=f"gating-{i} (step {job.step})",
+                on_restart=lambda: setattr(self, "faults", self.faults + 1),
+            )
             out.extend(trajs)
             for key, v in st.items():  # several gating actors: token counts add up, the rest is averaged
                 stats[key] = stats.get(key, 0.0) + (v if key.endswith("tokens") else v / len(job.gated))
@@ -260,6 +287,12 @@ class Run:
                     nxt = inflight[0]
                     pending_gate = (nxt, self._submit_gating(nxt, self._collect_rollout(nxt)))
                 train_metrics = ray.get(train_ref)
+                if int(train_metrics["policy_version"]) != self.version + 1:
+                    raise RuntimeError(
+                        "the learner restarted and lost its trained weights (policy version "
+                        f"{train_metrics['policy_version']:.0f}, expected {self.version + 1}); rerun with --resume to "
+                        "continue from the last checkpoint"
+                    )
                 self.version = int(train_metrics["policy_version"])
                 self.step = job.step + 1
                 push = {}
@@ -293,6 +326,7 @@ class Run:
             m["weight_push/seconds"] = 0.0
         m["staleness"] = float(self.version - 1 - trajectories[0].policy_version)
         m["data/quarantined"] = float(self.stream.quarantined)
+        m["faults/recovered"] = float(self.faults)
         m["data/epoch"] = float(self.stream.state_dict().get("epoch", 0))
         m["step/seconds"] = time.perf_counter() - t_step
         m["trajectories"] = float(len(trajectories))
