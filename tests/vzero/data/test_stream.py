@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import base64
 import json
 from collections import Counter
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import pyarrow.parquet.encryption as pe
 import pytest
 
+from tests.encrypted_parquet import decryption_properties, write_with_encrypted_answer
 from tests.vzero.image_helpers import good_row, loose_schema, write_rows
 from vzero.data.quarantine import QuarantineWriter
 from vzero.data.schema import SCHEMA, DataFileError
@@ -159,44 +158,22 @@ def test_not_parquet_is_refused(tmp_path):
 
 # ---- the training path never reads `answer` --------------------------------------------------------------------
 
-_MASTER_KEYS = {"footer_key": b"0123456789abcdef", "answer_key": b"fedcba9876543210"}
-
-
-class _ToyKms(pe.KmsClient):
-    """In-test KMS: 'wraps' a data key by prefixing the master key (good enough to gate decryption, not security)."""
-
-    def __init__(self, config: pe.KmsConnectionConfig) -> None:
-        super().__init__()
-
-    def wrap_key(self, key_bytes: bytes, master_key_identifier: str) -> bytes:
-        return base64.b64encode(_MASTER_KEYS[master_key_identifier] + key_bytes)
-
-    def unwrap_key(self, wrapped_key: bytes, master_key_identifier: str) -> bytes:
-        raw = base64.b64decode(wrapped_key)
-        assert raw[:16] == _MASTER_KEYS[master_key_identifier]
-        return raw[16:]
-
 
 def test_stream_works_when_answer_is_encrypted_and_unreadable(tmp_path):
     """Only `answer` is encrypted (own column key; plaintext footer). Reading it without keys fails; the stream,
     which must never touch it, reads the whole file fine; with the keys, the answers are really there."""
     path = tmp_path / "enc.parquet"
-    factory = pe.CryptoFactory(lambda config: _ToyKms(config))
-    kms = pe.KmsConnectionConfig()
-    encryption = pe.EncryptionConfiguration(
-        footer_key="footer_key",
-        column_keys={"answer_key": ["answer"]},
-        plaintext_footer=True,
-        double_wrapping=False,
-    )
     rows = [good_row(f"r{i}", answer=f"secret-{i}") for i in range(6)]
-    with pq.ParquetWriter(path, SCHEMA, encryption_properties=factory.file_encryption_properties(kms, encryption)) as w:
-        w.write_table(pa.Table.from_pylist(rows, schema=SCHEMA), row_group_size=2)
+    write_with_encrypted_answer(pa.Table.from_pylist(rows, schema=SCHEMA), path, row_group_size=2)
 
     with pytest.raises(OSError, match=r"[Dd]ecrypt"):
         pq.ParquetFile(path).read(columns=["answer"])
-    decrypting = factory.file_decryption_properties(kms, pe.DecryptionConfiguration())
-    answers = pq.ParquetFile(path, decryption_properties=decrypting).read(columns=["answer"]).column(0).to_pylist()
+    answers = (
+        pq.ParquetFile(path, decryption_properties=decryption_properties())
+        .read(columns=["answer"])
+        .column(0)
+        .to_pylist()
+    )
     assert answers == [f"secret-{i}" for i in range(6)]
 
     stream = PromptStream(path, seed=0)
