@@ -146,7 +146,8 @@ class Learner:
             if len(trajs) == 1:
                 raise RuntimeError(
                     f"learner out of memory on a single trajectory of {trajs[0].num_tokens} response tokens; lower "
-                    "rollout.max_tokens or student.max_pixels, or set learner.gradient_checkpointing=true"
+                    "rollout.max_tokens or student.max_pixels, set learner.max_tokens_per_micro_batch, or set "
+                    "learner.gradient_checkpointing=true"
                 ) from exc
             acc["oom_splits"] = acc.get("oom_splits", 0.0) + 1
             half = len(trajs) // 2
@@ -162,16 +163,38 @@ class Learner:
             key = f"loss/{k}"
             acc[key] = max(acc.get(key, v), v) if k.endswith("_max") else acc.get(key, 0.0) + v * tokens / n_valid
 
+    def _micro_batches(self, trajectories: list[Trajectory], images) -> list[list[Trajectory]]:
+        """Consecutive groups of at most `micro_batch_size` trajectories and `max_tokens_per_micro_batch` tokens.
+
+        The token budget counts the padded batch (rows x longest prompt+response, image tokens included), which is
+        what activation memory scales with; a single over-budget trajectory still gets a micro-batch of its own.
+        """
+        L = self.cfg.learner
+        out: list[list[Trajectory]] = []
+        current: list[Trajectory] = []
+        longest = 0
+        for t in trajectories:
+            length = len(t.prompt_ids) - 1 + images[t.uid].num_pads + t.num_tokens
+            wide = max(longest, length)
+            over = L.max_tokens_per_micro_batch is not None and wide * (len(current) + 1) > L.max_tokens_per_micro_batch
+            if current and (len(current) == L.micro_batch_size or over):
+                out.append(current)
+                current, wide = [], length
+            current.append(t)
+            longest = wide
+        if current:
+            out.append(current)
+        return out
+
     def train_step(self, trajectories: list[Trajectory], prompts: dict[str, Prompt]) -> dict[str, float]:
         """One optimiser step over all the step's trajectories; returns metrics (loss, grad norm, tokens/s)."""
         t0 = time.perf_counter()
         images = self._encode_images(prompts, [t.uid for t in trajectories])
         n_valid = max(1, sum(t.num_tokens for t in trajectories))
-        mb = self.cfg.learner.micro_batch_size
         acc: dict[str, float] = {}
         self.optimizer.zero_grad(set_to_none=True)
-        for i in range(0, len(trajectories), mb):
-            self._run(trajectories[i : i + mb], images, n_valid, acc)
+        for micro in self._micro_batches(trajectories, images):
+            self._run(micro, images, n_valid, acc)
         params = [p for p in self.model.parameters() if p.requires_grad]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.learner.grad_clip)
         self.optimizer.step()

@@ -224,6 +224,10 @@ class LearnerConfig(_Strict):
     """Max global grad norm."""
     micro_batch_size: int = Field(8, ge=1)
     """Trajectories per forward/backward; gradients accumulate over the step's micro-batches."""
+    max_tokens_per_micro_batch: int | None = Field(None, ge=1)
+    """Also cap a micro-batch at this many padded tokens (rows x longest sequence): long responses get smaller
+    micro-batches instead of running out of memory. The loss is the same whatever the split (token-mean over the
+    step). Unset = no cap. (An out-of-memory error still halves the failing micro-batch and retries.)"""
     dtype: DType = "auto"
     """Autocast dtype for the forward: auto = bf16 on GPU, fp32 on CPU."""
     gradient_checkpointing: bool = False

@@ -217,6 +217,8 @@ def test_job_submit_runs_the_job_with_token_auth_and_exports_metrics(head, tiny_
     assert wanted <= set(found), f"missing from the Prometheus export: {sorted(wanted - set(found))}"
     assert jobs.wait(job_id, {"SUCCEEDED"}) == "SUCCEEDED"
     logs = jobs.logs(job_id)
+    assert env["RAY_AUTH_TOKEN"] not in logs, "no secrets in logs"
+    assert env["RAY_AUTH_TOKEN"] not in (out / "config.yaml").read_text()
     summary = json.loads([ln for ln in logs.splitlines() if ln.startswith('{"output_dir"')][-1])
     assert summary["steps"] == steps and Path(summary["checkpoint"]).name == f"step_{steps:06d}"
     metrics = read_metrics(out / "metrics.jsonl")
