@@ -30,7 +30,7 @@ def setup(tiny_model, synth_data, tmp_path_factory):
     )
     prompts = PromptStream(cfg.data.path, seed=0).next_batch(3)
     sampler = Sampler(cfg, 0)
-    trajectories, stats = sampler.generate(prompts, seed=11)
+    trajectories, _stats = sampler.generate(prompts, seed=11)
     gated, gate_stats = Gating(cfg, 0).gate(trajectories, {p.uid: p for p in prompts})
     return cfg, sampler, {p.uid: p for p in prompts}, gated, gate_stats
 
@@ -40,7 +40,7 @@ def _params(learner: Learner) -> dict[str, torch.Tensor]:
 
 
 def test_gating_fills_teacher_logprobs_and_weights(setup) -> None:
-    cfg, _, prompts, gated, stats = setup
+    cfg, _, _prompts, gated, stats = setup
     assert len(gated) == 3 * cfg.rollout.n
     for t in gated:
         assert len(t.lp_pos) == len(t.lp_neg) == t.num_tokens
