@@ -11,16 +11,17 @@ stale version and pushes the current weights before giving it work.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
 
 import torch
 
+from actors.weight_receiver import receive
 from vzero.config import TrainConfig
 from vzero.engines import GenerateRequest, SamplingSpec, create_engine
 from vzero.images import decode_rgb
 from vzero.records import Prompt, Trajectory
 from vzero.runtime import actor_device, setup_threads
 from vzero.vlm_inputs import chat_prompt_ids
+from vzero.weights import WeightPush
 
 
 class Sampler:
@@ -68,22 +69,25 @@ class Sampler:
         tokens = sum(t.num_tokens for t in trajectories)
         return trajectories, {"seconds": seconds, "tokens": float(tokens), "engine": self.engine.name}
 
-    def update_weights(self, weights: Iterable[tuple[str, torch.Tensor]], version: int) -> dict[str, float]:
+    def update_weights(self, push: WeightPush, version: int) -> dict[str, float]:
         """Load a pushed state (HF names) in place; a version we already have is skipped."""
         if version <= self.version:
             return {"skipped": 1.0, "seconds": 0.0, "version": float(self.version)}
         t0 = time.perf_counter()
-        weights = list(weights)
-        nbytes = sum(t.numel() * t.element_size() for _, t in weights)
+        weights = list(receive(push, self.device))
         n = self.engine.load_weights(weights)
         self.version = version
         return {
             "skipped": 0.0,
             "seconds": time.perf_counter() - t0,
             "tensors": float(n),
-            "bytes": float(nbytes),
+            "bytes": float(push.nbytes),
             "version": float(version),
         }
+
+    def device_uuid(self) -> str:
+        """This sampler's GPU (empty on CPU)."""
+        return str(torch.cuda.get_device_properties(torch.cuda.current_device()).uuid) if self.device == "cuda" else ""
 
     def policy_version(self) -> int:
         return self.version

@@ -9,15 +9,38 @@ How tensors are loaded (names are HF checkpoint names; vLLM maps and fuses them 
   prepacks CPU linear weights (oneDNN) and leaves empty parameters behind; the layerwise reload un-packs, loads, and
   re-packs. Layers not given keep their weights (partial pushes are fine).
 - GPU workers: `model.load_weights(...)` straight into the parameters (measured 0.044 s for 7 GB on an H100).
-Transports: tensors by reference (engine in the actor's process), a safetensors file in /dev/shm (spawned engine),
-or CUDA IPC handles (learner and sampler on the same GPU).
+`receive` turns a push (object-store buckets or CUDA IPC handles, see vzero/weights.py) into named tensors in the
+sampler's process; the engine then hands them to its workers by reference (in-process engine) or through a
+safetensors file in /dev/shm (spawned engine).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import torch
+
+from vzero.weights import Bucket, WeightPush, unpack_bucket
+
+
+def receive(push: WeightPush, device: str) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) pairs of a push, wherever its buckets are: CPU tensors from the object store, or GPU memory
+    mapped from CUDA IPC handles (zero copy; only valid on the GPU the sender used)."""
+    if push.buckets is not None:
+        for bucket in push.buckets:
+            yield from unpack_bucket(bucket)
+        return
+    here = str(torch.cuda.get_device_properties(torch.cuda.current_device()).uuid) if device == "cuda" else ""
+    for ipc in push.ipc or []:
+        if ipc.device_uuid != here:
+            raise RuntimeError(
+                f"CUDA IPC weight push from GPU {ipc.device_uuid} cannot be opened on {here or 'a CPU actor'}; "
+                "set learner.weight_transport=object_store for layouts where learner and samplers do not share a GPU"
+            )
+        rebuild, args = ipc.handle
+        args = list(args)
+        args[6] = torch.cuda.current_device()  # the storage's device index as this process numbers it
+        yield from unpack_bucket(Bucket(ipc.metas, rebuild(*args)))
 
 
 class WeightReceiverExtension:
@@ -40,15 +63,6 @@ class WeightReceiverExtension:
         from safetensors.torch import load_file
 
         return self._vzero_load(load_file(path).items())
-
-    def vzero_load_weights_ipc(self, handles: list[tuple[str, tuple]]) -> int:
-        """Same-GPU learner: rebuild tensors from CUDA IPC handles (zero copy), then load them."""
-        weights = []
-        for name, (rebuild, args) in handles:
-            args = list(args)
-            args[6] = torch.cuda.current_device()  # the device index as this process sees it
-            weights.append((name, rebuild(*args)))
-        return self._vzero_load(weights)
 
     def vzero_weight_checksum(self) -> float:
         """Sum of all parameter values (tests: did a push change / restore the served weights?)."""

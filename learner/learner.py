@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from learner.losses import gated_opd_loss
+from learner.weight_sync import WeightPush, WeightSender
 from vzero.batching import length_mask, pad_ragged
 from vzero.checkpoint import load_training_state, save_training_state
 from vzero.config import TrainConfig
@@ -63,6 +64,9 @@ class Learner:
             [p for p in self.model.parameters() if p.requires_grad], lr=L.lr, betas=L.betas, weight_decay=L.weight_decay
         )
         self.version = 0
+        self._senders: dict[str, WeightSender] = {}
+        sampler_device = "cuda" if cfg.rollout.resources.num_gpus > 0 else "cpu"
+        self.push_dtype = resolve_dtype(cfg.student.dtype, sampler_device)
 
     # -- forward helpers ----------------------------------------------------------------------------------------
     def _autocast(self):
@@ -215,11 +219,25 @@ class Learner:
 
     # -- weights out ------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def state_for_push(self) -> list[tuple[str, torch.Tensor]]:
-        """HF-named tensors the samplers need (frozen ones skipped: they never change), as CPU tensors."""
-        return [
-            (n, p.detach().to("cpu", copy=True)) for n, p in self.model.state_dict().items() if n not in self.frozen
+    def state_for_push(self, transport: str = "object_store") -> WeightPush:
+        """The samplers' next weights (HF names; frozen tensors skipped: they never change), bucketed for the
+        transport, cast to the samplers' dtype (bf16 on GPU halves the bytes of the fp32 master copy)."""
+        sender = self._senders.get(transport)
+        if sender is None:
+            sender = self._senders[transport] = WeightSender(transport)
+        named = [
+            (n, p.detach().to(self.push_dtype)) for n, p in self.model.state_dict().items() if n not in self.frozen
         ]
+        return sender.make_push(named, self.version)
+
+    def release_push(self) -> None:
+        """Every sampler acknowledged the last push: drop the GPU buckets kept alive for CUDA IPC."""
+        for sender in self._senders.values():
+            sender.release()
+
+    def device_uuid(self) -> str:
+        """The learner's GPU (empty on CPU): the driver picks CUDA IPC when every sampler shares it."""
+        return str(torch.cuda.get_device_properties(self.device).uuid) if self.device.type == "cuda" else ""
 
     def policy_version(self) -> int:
         return self.version

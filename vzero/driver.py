@@ -91,6 +91,7 @@ class Run:
         named["learner"] = self.learner
         self.engines = wait_ready(named)
         log.info("actors ready: %s", "; ".join(self.engines.values()))
+        self.transport = self._resolve_transport()
         self.quarantine = QuarantineWriter(self.out / "quarantine.parquet")
         self.stream = PromptStream(
             cfg.data.path,
@@ -142,13 +143,22 @@ class Run:
     # -- weights ------------------------------------------------------------------------------------------------
     def _publish_weights(self) -> None:
         """One put of the learner's current state into the object store (samplers get it from there)."""
-        self.weight_refs[self.version] = self.learner.state_for_push.remote()
+        self.weight_refs[self.version] = self.learner.state_for_push.remote(self.transport)
         keep = self.version - self.cfg.max_staleness - 1
         self.weight_refs = {v: r for v, r in self.weight_refs.items() if v >= keep}
 
     def _push_one(self, sampler: Any, version: int | None = None) -> Any:
         version = self.version if version is None else version
         return sampler.update_weights.remote(self.weight_refs[version], version)
+
+    def _resolve_transport(self) -> str:
+        """`auto`: CUDA IPC when every sampler sits on the learner's GPU (zero copy), else the object store."""
+        wanted = self.cfg.learner.weight_transport
+        if wanted != "auto":
+            return wanted
+        learner_gpu = ray.get(self.learner.device_uuid.remote())
+        sampler_gpus = ray.get([s.device_uuid.remote() for s in self.samplers])
+        return "cuda_ipc" if learner_gpu and all(u == learner_gpu for u in sampler_gpus) else "object_store"
 
     def _count_fault(self) -> None:
         self.faults += 1
@@ -166,6 +176,7 @@ class Run:
             lambda: [self._push_one(s) for s in self.samplers], what="weight push", on_restart=None
         )
         seconds = time.perf_counter() - t0
+        self.learner.release_push.remote()  # every sampler has loaded it: IPC buckets may go
         nbytes = max((r.get("bytes", 0.0) for r in results), default=0.0)
         return {
             "weight_push/seconds": seconds,
@@ -173,6 +184,7 @@ class Run:
             "weight_push/gb": nbytes / 1e9,
             "weight_push/gb_per_s": nbytes / 1e9 / seconds if seconds > 0 else 0.0,
             "sampler/min_version": min(r["version"] for r in results),
+            "weight_push/transport_ipc": float(self.transport == "cuda_ipc"),
         }
 
     # -- stages -------------------------------------------------------------------------------------------------
