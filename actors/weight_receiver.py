@@ -16,6 +16,7 @@ safetensors file in /dev/shm (spawned engine).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Iterator
 
 import torch
@@ -48,6 +49,9 @@ class WeightReceiverExtension:
         weights = list(weights)
         device = self.model_runner.device if hasattr(self.model_runner, "device") else torch.device("cpu")
         if torch.device(device).type == "cpu":
+            # Layers without weights (norm fusions, rotary tables) log "Failed to load weights" on every partial
+            # reload; that is expected here, so keep it out of the job logs.
+            logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").setLevel(logging.ERROR)
             self.reload_weights(weights_iterator=iter(weights))
         else:
             self.model_runner.model.load_weights(weights=((n, t.to(device, non_blocking=True)) for n, t in weights))

@@ -24,6 +24,7 @@ from learner.weight_sync import WeightPush, WeightSender
 from vzero.batching import length_mask, pad_ragged
 from vzero.checkpoint import load_training_state, save_training_state
 from vzero.config import TrainConfig
+from vzero.flops import mfu, peak_tflops, text_params
 from vzero.images import decode_rgb
 from vzero.logprobs import response_logprobs
 from vzero.models.loading import load_model, load_processor, resolve_dtype
@@ -42,8 +43,10 @@ class Learner:
         setup_threads(cfg.learner.resources)
         self.device = torch.device(actor_device(cfg.learner.resources))
         s = cfg.student
-        # Master weights in fp32; the forward runs under bf16 autocast on GPU (fp32 on CPU, where autocast is off).
-        self.model = load_model(s.path, dtype="float32", device=str(self.device), trust_remote_code=s.trust_remote_code)
+        # Master weights in fp32 by default (param_dtype); the forward runs under bf16 autocast on GPU (fp32 on CPU).
+        self.model = load_model(
+            s.path, dtype=cfg.learner.param_dtype, device=str(self.device), trust_remote_code=s.trust_remote_code
+        )
         self.autocast_dtype = resolve_dtype(cfg.learner.dtype, str(self.device))
         if cfg.learner.gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
@@ -60,6 +63,8 @@ class Learner:
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.image_pad_id = self.tokenizer.convert_tokens_to_ids("<|image_pad|>")
         L = cfg.learner
+        self.n_text_params = text_params(self.model)
+        self.peak_tflops = peak_tflops(self.device, cfg.learner.peak_tflops)
         self.optimizer = torch.optim.AdamW(
             [p for p in self.model.parameters() if p.requires_grad], lr=L.lr, betas=L.betas, weight_decay=L.weight_decay
         )
@@ -212,6 +217,7 @@ class Learner:
                 "learner/seconds": seconds,
                 "learner/tokens_per_s": n_valid / seconds,
                 "learner/seq_tokens_per_s": acc.get("seq_tokens", 0.0) / seconds,
+                "learner/mfu": mfu(self.n_text_params, acc.get("seq_tokens", 0.0), seconds, self.peak_tflops) or 0.0,
                 "policy_version": float(self.version),
             }
         )

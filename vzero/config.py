@@ -230,6 +230,11 @@ class LearnerConfig(_Strict):
     step). Unset = no cap. (An out-of-memory error still halves the failing micro-batch and retries.)"""
     dtype: DType = "auto"
     """Autocast dtype for the forward: auto = bf16 on GPU, fp32 on CPU."""
+    param_dtype: Literal["float32", "bfloat16"] = "float32"
+    """Dtype of the trained weights and AdamW state: float32 master weights (default; 16 bytes/param with Adam) or
+    pure bfloat16 (8 bytes/param: what lets a 3B learner share one 80 GB GPU with vLLM engines)."""
+    peak_tflops: float | None = Field(None, gt=0)
+    """Peak dense bf16 TFLOP/s of the learner's GPU for MFU (unset = known GPUs by name; none on CPU)."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward: less memory for long responses, ~30% more compute."""
     freeze_vision: bool = False
