@@ -96,32 +96,58 @@ def test_sync_loop_vllm_engines(ray_local, tiny_model, synth_data, tmp_path) -> 
     assert final.name == "step_000003" and (final / "COMPLETE").is_file()
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_000001", "step_000002", "step_000003"]
     _weights_move(tiny_model, out, table)
+    _samplers_served_the_pushed_weights(tiny_model, out)
 
 
-def _weights_move(initial: Path, out: Path, table) -> None:
-    """Student log-probs of one fixed trajectory differ between the initial model and every checkpoint."""
+def _student_logprobs(model_dir: Path, out: Path, rows: list[dict]) -> list[torch.Tensor]:
+    """Teacher-forced student log-probs (transformers) of logged trajectories under the model in `model_dir`."""
     from vzero.images import decode_rgb
     from vzero.logprobs import response_logprobs
     from vzero.models.loading import load_model, load_processor
     from vzero.vlm_inputs import ImageEncoder, collate
 
-    row = table.to_pylist()[0]
     cfg = yaml.safe_load((out / "config.yaml").read_text())
-    rows = pq.read_table(cfg["data"]["path"], columns=["id", "image"]).to_pylist()
-    image = decode_rgb(next(r["image"] for r in rows if r["id"] == row["uid"]))
-    proc = load_processor(initial)
-    enc = ImageEncoder(
+    images = {r["id"]: r["image"] for r in pq.read_table(cfg["data"]["path"], columns=["id", "image"]).to_pylist()}
+    proc = load_processor(model_dir)
+    encode = ImageEncoder(
         proc.image_processor, min_pixels=cfg["student"]["min_pixels"], max_pixels=cfg["student"]["max_pixels"]
-    )(image)
+    )
     pad = proc.tokenizer.convert_tokens_to_ids("<|image_pad|>")
-    batch = collate([(row["prompt_ids"], enc, row["response_ids"])], pad_id=0, image_pad_id=pad)
-    lps = []
-    for d in [initial, *sorted((out / "checkpoints").iterdir())]:
-        model = load_model(d / "model" if (d / "model").is_dir() else d)
+    model = load_model(model_dir)
+    out_lps = []
+    for row in rows:
+        batch = collate(
+            [(row["prompt_ids"], encode(decode_rgb(images[row["uid"]])), row["response_ids"])],
+            pad_id=0,
+            image_pad_id=pad,
+        )
         with torch.no_grad():
-            lps.append(response_logprobs(model, batch).logprobs[0])
+            out_lps.append(response_logprobs(model, batch).logprobs[0])
+    return out_lps
+
+
+def _weights_move(initial: Path, out: Path, table) -> None:
+    """Student log-probs of one fixed trajectory differ between the initial model and every checkpoint."""
+    row = table.to_pylist()[:1]
+    lps = [
+        _student_logprobs(d / "model" if (d / "model").is_dir() else d, out, row)[0]
+        for d in [initial, *sorted((out / "checkpoints").iterdir())]
+    ]
     for a, b in itertools.pairwise(lps):
         assert (a - b).abs().max() > 1e-6, "the student's weights changed between consecutive steps"
+
+
+def _samplers_served_the_pushed_weights(initial: Path, out: Path) -> None:
+    """Step k's trajectories were sampled by vLLM with the weights of checkpoint k: their sampler log-probs match
+    that checkpoint's transformers log-probs, and not the initial model's (the in-place reload really happened)."""
+    for step in (1, 2):
+        rows = pq.read_table(out / "trajectories" / f"step_{step:06d}.parquet").to_pylist()[:4]
+        pushed = _student_logprobs(out / "checkpoints" / f"step_{step:06d}" / "model", out, rows)
+        before = _student_logprobs(initial, out, rows)
+        for row, lp, lp0 in zip(rows, pushed, before, strict=True):
+            old = torch.tensor(row["lp_old"])
+            torch.testing.assert_close(old, lp[: len(old)], atol=2e-4, rtol=0)
+            assert (old - lp0[: len(old)]).abs().max() > 1e-4
 
 
 def test_async_loop_bounded_staleness(ray_local, tiny_model, synth_data, tmp_path) -> None:
