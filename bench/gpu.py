@@ -228,6 +228,7 @@ def run(a: argparse.Namespace) -> dict:
     cfg = _config(a, model, data, work / "run", cuda)
     cfg_json = cfg.model_dump_json()
     ray.init(
+        address="local",
         num_cpus=cfg.ray.num_cpus,
         num_gpus=1 if cuda else 0,
         include_dashboard=False,

@@ -52,6 +52,7 @@ def ray_local():
 
     if not ray.is_initialized():
         ray.init(
+            address="local",
             num_cpus=6,
             include_dashboard=False,
             namespace="vzero-tests",

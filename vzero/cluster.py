@@ -33,6 +33,7 @@ def connect(cfg: TrainConfig) -> None:
         ray.init(address=address, namespace=cfg.ray.namespace, runtime_env=runtime_env, log_to_driver=True)
     else:
         ray.init(
+            address="local",  # always a new cluster: never attach to some other `ray start` on this machine
             num_cpus=cfg.ray.num_cpus,
             num_gpus=cfg.ray.num_gpus,
             include_dashboard=cfg.ray.include_dashboard,

@@ -8,11 +8,13 @@ complete checkpoint behind (the driver checkpoints on SIGTERM).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -67,18 +69,42 @@ def head():
         "--num-cpus=6",
         f"--temp-dir={temp}",
     ]
-    subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=180)
+    started = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    assert started.returncode == 0, started.stdout + started.stderr
     url = f"http://127.0.0.1:{ports['dash']}"
-    deadline = time.time() + 60
-    while time.time() < deadline:  # the job server comes up a little after `ray start` returns
+    deadline = time.time() + 120
+    while time.time() < deadline:  # the job server comes up a little after the head
         try:
             urllib.request.urlopen(f"{url}/api/version", timeout=2)
             break
         except OSError:
             time.sleep(1)
     yield url, f"http://127.0.0.1:{ports['metrics']}/metrics", env
-    subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
+    _stop_cluster(temp)
     shutil.rmtree(temp, ignore_errors=True)
+
+
+def _stop_cluster(temp: str) -> None:
+    """Stop THIS head only: every process whose command line names its temp dir (`ray stop` would kill every Ray
+    process on the machine, including the other tests' clusters)."""
+
+    def ours() -> list[int]:
+        pids = []
+        for proc in Path("/proc").iterdir():
+            try:
+                if proc.name.isdigit() and temp in (proc / "cmdline").read_bytes().decode(errors="replace"):
+                    pids.append(int(proc.name))
+            except OSError:
+                continue
+        return pids
+
+    for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
+        for pid in ours():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        deadline = time.time() + wait
+        while ours() and time.time() < deadline:
+            time.sleep(0.2)
 
 
 @pytest.fixture(scope="module")
