@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import signal
 import time
@@ -372,10 +373,21 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed % (2**32))
+    owns_cluster = not ray.is_initialized() and not (cfg.ray.address or os.environ.get("RAY_ADDRESS"))
     run = Run(cfg, resume=resume)
     try:
         final = run.run()
     finally:
         run.shutdown()
-    print(json.dumps({"output_dir": str(run.out), "checkpoint": str(final), "steps": run.step}))
+        if owns_cluster:  # flush the actors' last log lines before the summary, and free the local cluster
+            ray.shutdown()
+    out = run.out
+    print(
+        f"V-Zero run finished: {run.step} steps\n"
+        f"  metrics       {out / 'metrics.jsonl'}  (tensorboard --logdir {out / 'tb'})\n"
+        f"  trajectories  {out / 'trajectories'}/step_*.parquet\n"
+        f"  checkpoint    {final}  (an HF model dir in model/; continue with --resume)",
+        flush=True,
+    )
+    print(json.dumps({"output_dir": str(out), "checkpoint": str(final), "steps": run.step}), flush=True)
     return final
