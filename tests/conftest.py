@@ -16,6 +16,18 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a stale ~/.ray/auth_token must not break local clusters
 
 REPO = Path(__file__).resolve().parents[1]
+# metrics.jsonl keys every step must have: the interface outside tools rely on (issue: the loop on Ray)
+INTERFACE_KEYS = frozenset(
+    {
+        "step",
+        "policy_version",
+        "loss",
+        "gate/weight_mean",
+        "rollout/tokens_per_s",
+        "teacher/tokens_per_s",
+        "weight_push/seconds",
+    }
+)
 
 
 @pytest.fixture(scope="session")

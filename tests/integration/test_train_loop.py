@@ -19,19 +19,12 @@ import torch
 import yaml
 
 from gating.gate import evidence_weights
-from tests.conftest import tiny_config
+from tests.conftest import INTERFACE_KEYS, tiny_config
 from vzero.metrics_log import read_metrics
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
-REQUIRED_KEYS = {
-    "step",
-    "policy_version",
-    "loss",
-    "gate/weight_mean",
-    "rollout/tokens_per_s",
-    "teacher/tokens_per_s",
-    "weight_push/seconds",
+REQUIRED_KEYS = INTERFACE_KEYS | {
     "weight_push/gb_per_s",
     "learner/tokens_per_s",
     "staleness",
