@@ -314,7 +314,16 @@ class TrainConfig(_Strict):
         problems = []
         if self.mode == "async" and self.max_staleness < 1:
             problems.append("mode=async needs max_staleness >= 1 (or use mode=sync)")
-        for name, v in (("rollout", self.rollout.vllm), ("teacher", self.teacher.vllm)):
+        for name, res, v in (
+            ("rollout", self.rollout.resources, self.rollout.vllm),
+            ("teacher", self.teacher.resources, self.teacher.vllm),
+        ):
+            tp = v.tensor_parallel_size
+            if tp > 1 and res.num_gpus < tp:
+                problems.append(
+                    f"{name}.vllm.tensor_parallel_size={tp} needs {name}.resources.num_gpus >= {tp} (each engine "
+                    f"spans tp GPUs; got {res.num_gpus:g})"
+                )
             if self.rollout.max_tokens >= v.max_model_len:
                 problems.append(
                     f"rollout.max_tokens ({self.rollout.max_tokens}) must be < {name}.vllm.max_model_len "

@@ -118,3 +118,21 @@ def test_checkpoint_round_trip(setup, tmp_path) -> None:
     ma, mb = a.train_step(gated, prompts), b.train_step(gated, prompts)
     assert ma["loss"] == mb["loss"] and ma["learner/grad_norm"] == mb["learner/grad_norm"]
     assert not list(tmp_path.glob("**/*.bin")) and not list(tmp_path.glob("**/*.pt")), "nothing pickled"
+
+
+def test_frozen_vision_tower_is_neither_trained_nor_pushed(setup) -> None:
+    cfg, sampler, prompts, gated, _ = setup
+    c = cfg.model_copy(deep=True)
+    c.learner.freeze_vision = True
+    learner = Learner(c)
+    visual = {n: p.detach().clone() for n, p in learner.model.named_parameters() if ".visual." in f".{n}"}
+    assert visual
+    learner.train_step(gated, prompts)
+    for n, p in learner.model.named_parameters():
+        if n in visual:
+            assert torch.equal(p, visual[n]), n
+    push = learner.state_for_push()
+    names = [m.name for b in push.buckets for m in b.metas]
+    assert names and not any(".visual." in f".{n}" for n in names)
+    res = sampler.update_weights(push, version=7)  # a partial push (no vision tower) loads fine
+    assert res["skipped"] == 0 and res["tensors"] == len(names)

@@ -53,6 +53,8 @@ def test_cross_field_checks_say_how_to_fix() -> None:
         load_config(None, ["mode=async", "max_staleness=0"])
     with pytest.raises(ConfigError, match="raise max_model_len or lower max_tokens"):
         load_config(None, ["rollout.max_tokens=5000"])
+    with pytest.raises(ConfigError, match=r"tensor_parallel_size=2 needs rollout\.resources\.num_gpus >= 2"):
+        load_config(None, ["rollout.vllm.tensor_parallel_size=2", "rollout.resources.num_gpus=1"])
     with pytest.raises(ConfigError, match=r"min_pixels .* must be <= max_pixels"):
         load_config(None, ["student.min_pixels=100000", "student.max_pixels=1000"])
 
