@@ -170,9 +170,16 @@ class Jobs:
             "--",
             *entrypoint,
         ]
-        res = subprocess.run(cmd, env=self.env, cwd=REPO, capture_output=True, text=True, timeout=180)
-        assert res.returncode == 0, res.stdout + res.stderr
-        return re.search(r"Job '([^']+)' submitted successfully", res.stdout + res.stderr).group(1)
+        deadline = time.time() + 180
+        while True:
+            res = subprocess.run(cmd, env=self.env, cwd=REPO, capture_output=True, text=True, timeout=180)
+            # A head that just started may not have its job agent registered yet (slow, loaded machines): Ray
+            # answers "No available agent to submit job, please try again later".
+            if res.returncode != 0 and "try again later" in res.stderr and time.time() < deadline:
+                time.sleep(3)
+                continue
+            assert res.returncode == 0, res.stdout + res.stderr
+            return re.search(r"Job '([^']+)' submitted successfully", res.stdout + res.stderr).group(1)
 
     def status(self, job_id: str) -> str:
         return json.loads(self._get(f"/api/jobs/{job_id}"))["status"]
