@@ -67,11 +67,3 @@ class WeightReceiverExtension:
         from safetensors.torch import load_file
 
         return self._vzero_load(load_file(path).items())
-
-    def vzero_weight_checksum(self) -> float:
-        """Sum of all parameter values (tests: did a push change / restore the served weights?)."""
-        total = 0.0
-        for p in self.model_runner.model.parameters():
-            if p.numel():
-                total += float(p.detach().double().sum())
-        return total

@@ -46,7 +46,3 @@ def write_step(directory: Path, step: int, trajectories: list[Trajectory]) -> Pa
     pq.write_table(pa.table(cols, schema=SCHEMA), tmp)
     tmp.replace(path)
     return path
-
-
-def read_steps(directory: Path) -> pa.Table:
-    return pq.read_table(sorted(directory.glob("step_*.parquet")), schema=SCHEMA) if directory.is_dir() else None

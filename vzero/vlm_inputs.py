@@ -124,11 +124,3 @@ def collate(rows: list[tuple[list[int], EncodedImage, list[int]]], *, pad_id: in
         response_lengths=lengths,
         max_response=max(lengths) if lengths else 0,
     )
-
-
-def collate_prompts(
-    rows: list[tuple[list[int], EncodedImage]], *, pad_id: int, image_pad_id: int
-) -> dict[str, torch.Tensor]:
-    """Prompts only (for generate): left-padded inputs."""
-    b = collate([(p, e, []) for p, e in rows], pad_id=pad_id, image_pad_id=image_pad_id)
-    return b.model_inputs()

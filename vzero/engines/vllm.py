@@ -179,11 +179,6 @@ class VLLMEngine(Engine):
         finally:
             os.unlink(name)
 
-    def call_workers(self, method: str, *args: object) -> list[object]:
-        """Run a worker-extension method on every worker (e.g. CUDA-IPC weight loading)."""
-        out = self.llm.collective_rpc(method, args=args)
-        return out
-
     def reset_caches(self) -> None:
         self.llm.reset_prefix_cache()
         self.llm.llm_engine.reset_encoder_cache()
