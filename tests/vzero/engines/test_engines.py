@@ -164,3 +164,17 @@ def test_auto_prefers_vllm_where_installed() -> None:
     from tests.conftest import vllm_importable
 
     assert resolve_engine_kind("auto") == ("vllm" if vllm_importable() else "transformers")
+
+
+@needs_vllm
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_spawned_vllm_engine_reloads_weights_through_a_shared_memory_file(tiny_model) -> None:
+    script = REPO / "tests/vzero/engines/spawned_engine_check.py"
+    out = subprocess.run(
+        [sys.executable, str(script), str(tiny_model)], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    line = next(ln for ln in out.stdout.splitlines() if ln.startswith("changed"))
+    _, changed, _, restored = line.split()
+    assert float(changed) > 1e-2 and restored == "True"
