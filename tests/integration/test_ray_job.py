@@ -46,7 +46,9 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def head():
     """A real Ray head node on loopback with token auth; yields (dashboard URL, metrics URL, env)."""
-    ports = {"gcs": _free_port(), "dash": _free_port(), "metrics": _free_port()}
+    # Every port explicit: the dashboard agent's default HTTP port (52365) is already taken by the session cluster
+    # of the in-process tests, and a head whose agent cannot bind answers "No available agent to submit job".
+    ports = {"gcs": _free_port(), "dash": _free_port(), "metrics": _free_port(), "agent": _free_port()}
     temp = tempfile.mkdtemp(prefix="vzr-", dir="/tmp")  # short: Ray's socket paths have a length limit
     env = dict(os.environ)
     env.update(
@@ -66,6 +68,7 @@ def head():
         f"--dashboard-port={ports['dash']}",
         "--include-dashboard=true",
         f"--metrics-export-port={ports['metrics']}",
+        f"--dashboard-agent-listen-port={ports['agent']}",
         "--num-cpus=6",
         f"--temp-dir={temp}",
     ]
