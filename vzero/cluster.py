@@ -107,15 +107,18 @@ def call_with_retry(
     *,
     what: str,
     on_restart: Callable[[], None] | None = None,
+    first: Any = None,
     deadline_s: float = 300.0,
 ) -> Any:
     """ray.get(submit()); if the actor died, wait for Ray to restart it, run `on_restart` (e.g. re-push weights) and
-    resubmit the same work. Gives up after `deadline_s` (an actor out of `max_restarts` never comes back)."""
+    resubmit the same work. `first` is an already submitted ref to wait on before any resubmission. Gives up after
+    `deadline_s` (an actor out of `max_restarts` never comes back)."""
     start = time.monotonic()
     attempt = 0
     while True:
         try:
-            result = ray.get(submit())
+            ref = first if attempt == 0 and first is not None else submit()
+            result = ray.get(ref)
             if attempt and on_restart is None:
                 log.info("%s: recovered after %d retries", what, attempt)
             return result

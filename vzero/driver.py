@@ -205,18 +205,17 @@ class Run:
         for i, (chunk, ref) in enumerate(zip(job.chunks, job.refs, strict=True)):
             if ref is None:
                 continue
+
             # A sampler that died mid-call is restarted by Ray: give it this batch's weights, then the same prompts
             # and seed (nothing lost, nothing duplicated). One that died between calls answers with version 0.
-            first = [ref]
-
-            def submit(i=i, chunk=chunk, first=first) -> Any:
-                return first.pop() if first else self.samplers[i].generate.remote(chunk, seed=job.seeds[i])
+            def submit(i=i, chunk=chunk) -> Any:
+                return self.samplers[i].generate.remote(chunk, seed=job.seeds[i])
 
             def restarted(i=i) -> None:
                 self._restore_sampler(i, job.version)
 
             what = f"sampler-{i} generate (step {job.step})"
-            trajs, st = call_with_retry(submit, what=what, on_restart=restarted)
+            trajs, st = call_with_retry(submit, what=what, on_restart=restarted, first=ref)
             if trajs[0].policy_version != job.version:  # restarted silently between two calls
                 log.warning("%s: sampler came back at version %d; re-pushing", what, trajs[0].policy_version)
                 self._restore_sampler(i, job.version)
@@ -256,15 +255,12 @@ class Run:
         out: list[Trajectory] = []
         stats: dict[str, float] = {}
         for (i, part, prompts), ref in zip(job.gated, refs, strict=True):
-            first = [ref]
 
-            def submit(i=i, part=part, prompts=prompts, first=first) -> Any:
-                return first.pop() if first else self.gaters[i].gate.remote(part, prompts)
+            def submit(i=i, part=part, prompts=prompts) -> Any:
+                return self.gaters[i].gate.remote(part, prompts)
 
             trajs, st = call_with_retry(
-                submit,
-                what=f"gating-{i} (step {job.step})",
-                on_restart=lambda: setattr(self, "faults", self.faults + 1),
+                submit, what=f"gating-{i} (step {job.step})", on_restart=self._count_fault, first=ref
             )
             out.extend(trajs)
             for key, v in st.items():  # several gating actors: token counts add up, the rest is averaged
