@@ -226,7 +226,7 @@ class LossConfig(_Strict):
     """k for `forward_kl_topk` (teacher prompt_logprobs=k)."""
     old_logprobs: Literal["auto", "sampler", "recompute"] = "auto"
     """Behaviour log-probs lp_old in the PPO ratio. `recompute`: the learner's own, before the step's first update
-    (the authors': the ratio is exactly 1 on the first mini-batch and engine drift leaves the ratio; costs a no-grad
+    (the authors': the ratio is exactly 1 on the first mini-batch and carries no engine drift; costs a no-grad
     forward over the later mini-batches). `sampler`: the rollout engine's, as sampled (the ratio then also corrects
     for staleness and engine drift). `auto` = recompute in sync mode, sampler in async mode. `recompute` with
     mode=async is refused: the samples come from an older policy and recomputing would drop that correction."""
@@ -237,12 +237,12 @@ class LearnerConfig(_Strict):
 
     lr: float = Field(1e-6, gt=0)
     """AdamW learning rate (the authors use 1e-6 for 4B students)."""
-    weight_decay: float = Field(0.0, ge=0)
-    """AdamW decoupled weight decay."""
+    weight_decay: float = Field(0.01, ge=0)
+    """AdamW decoupled weight decay (the authors: 0.01)."""
     betas: tuple[float, float] = (0.9, 0.999)
     """AdamW betas."""
     grad_clip: float = Field(1.0, gt=0)
-    """Max global grad norm."""
+    """Max global grad norm, per optimizer step (the authors: 1.0)."""
     mini_batches_per_step: int = Field(2, ge=1)
     """Optimizer steps per rollout batch (the authors: 2, i.e. 16 of 32 prompts each, ppo_epochs 1). The batch is
     split into this many mini-batches of WHOLE prompt groups, in order (a pure function of the trajectories); each
@@ -253,7 +253,7 @@ class LearnerConfig(_Strict):
     max_tokens_per_micro_batch: int | None = Field(None, ge=1)
     """Also cap a micro-batch at this many padded tokens (rows x longest sequence): long responses get smaller
     micro-batches instead of running out of memory. The loss is the same whatever the split (token-mean over the
-    step). Unset = no cap. (An out-of-memory error still halves the failing micro-batch and retries.)"""
+    mini-batch). Unset = no cap. (An out-of-memory error still halves the failing micro-batch and retries.)"""
     dtype: DType = "auto"
     """Autocast dtype for the forward: auto = bf16 on GPU, fp32 on CPU."""
     param_dtype: Literal["float32", "bfloat16"] = "float32"
