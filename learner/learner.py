@@ -242,7 +242,11 @@ class Learner:
 
     @torch.no_grad()
     def _recompute_logprobs(self, trajs: list[Trajectory], images, acc: dict[str, float]):
-        """lp_old of `trajs` under the current weights (before the step's first update), plus their mismatch."""
+        """lp_old of `trajs` under the current weights (before the step's first update), plus their mismatch.
+
+        Eval mode, as `logprobs` (no dropout in the supported families, so the numbers equal a training forward's),
+        in the training micro-batches: a no-grad forward needs less memory than the ones that already fit.
+        """
         old: dict[tuple[str, int], torch.Tensor] = {}
         self.model.eval()
         try:

@@ -48,7 +48,8 @@ LOSS_MODES = ("k1_pg", "k3", "forward_kl_topk")
 _REFUSED_K1_MODES = ("k1", "k1_supervised")
 
 # exp(log-ratio) guard for the importance ratio and k3: e^20 ≈ 4.9e8 stays finite in float32 (verl's kl_penalty and
-# policy loss clamp at ±20 too). It never shapes a result: such ratios are clipped, such k3 values clamped.
+# policy loss clamp at ±20 too). A ratio that large is clipped anyway (or dual-clipped), and k3 at |d| = 20 is already
+# past any kl_clamp below 19, so the guard only keeps inf and NaN out.
 _LOG_RATIO_CLAMP = 20.0
 
 # vLLM hands top-k ids back as int32 or int64; gather needs int64 and gets a cast.
