@@ -186,7 +186,7 @@ FAMILIES: dict[str, Family] = {
             template_default_system=None,
             template_thinks=True,
             vllm_cpu_dtypes=("bfloat16",),
-            logprob_atol=0.1,
+            logprob_atol=0.05,
             unserved_prefixes=("mtp.",),
         ),
     )
