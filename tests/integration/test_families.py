@@ -2,8 +2,10 @@
 
 One run per family (a tiny random-init student; one sampler, one gating actor, one learner), the Qwen3-VL run with a
 Qwen3.5 teacher (another family with the same vocabulary: its prompt follows its own chat template, so the teacher
-prompt differs from the student's in more than the image). Invariants checked from what the run writes:
+prompt differs from the student's in more than the image) and a system prompt for the student only. Invariants
+checked from what the run writes:
 - the loop runs: 3 steps, each pushing a new policy version that the sampler reports;
+- the sampler's prompts are `chat_prompt_ids` with the student's chat options;
 - the teacher's log-probs are aligned on the response suffix: one per response token, equal (within the teacher
   family's vLLM-vs-transformers tolerance) to a transformers replay of the teacher's own prompt on the positive
   view, recomputed here from the logged trajectory;
@@ -23,10 +25,12 @@ from tests.conftest import needs_vllm, tiny_config
 from vzero.data.validate import validate_row
 from vzero.metrics_log import read_metrics
 from vzero.models.families import ARCHS, get_family
+from vzero.models.loading import load_processor
 from vzero.vlm_inputs import chat_prompt_ids
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.vllm, needs_vllm]
 TEACHERS = {"qwen3_vl": "qwen3_5"}  # cross-family teacher (same vocabulary); the others teach themselves
+EXTRA = {"qwen3_vl": ["student.chat.system_prompt=Answer with one word."]}
 
 
 @pytest.fixture(scope="module")
@@ -99,6 +103,7 @@ def test_each_family_runs_three_vzero_steps_on_vllm(ray_local, family_models, sy
         f"teacher.model.path={family_models[teacher_arch]}",
         *_pixels("student", arch, (2, 4)),
         *_pixels("teacher.model", teacher_arch, (4, 4)),
+        *EXTRA.get(arch, []),
     ]
     cfg = tiny_config(tmp_path, family_models[arch], synth_data, *overrides)
     train(cfg)
@@ -109,8 +114,11 @@ def test_each_family_runs_three_vzero_steps_on_vllm(ray_local, family_models, sy
     assert all(np.isfinite(m["loss"]) for m in metrics)
 
     rows = pq.read_table(out / "trajectories" / "step_000001.parquet").to_pylist()[:6]
+    student_tok = load_processor(cfg.student.path).tokenizer
+    questions = {r["id"]: r["question"] for r in pq.read_table(synth_data, columns=["id", "question"]).to_pylist()}
     for row in rows:
         assert len(row["lp_pos"]) == len(row["lp_neg"]) == len(row["lp_old"]) == len(row["response_ids"]) > 0
+        assert row["prompt_ids"] == chat_prompt_ids(student_tok, questions[row["uid"]], cfg.student.chat)
     teacher_atol = get_family(teacher_arch).logprob_atol
     for row, replay in zip(rows, _teacher_replay(cfg, rows, synth_data), strict=True):
         np.testing.assert_allclose(row["lp_pos"], replay, atol=teacher_atol, rtol=0)
