@@ -19,6 +19,7 @@ from gating.gate import evidence_weights
 from vzero.batching import length_mask, pad_ragged
 from vzero.config import TrainConfig
 from vzero.engines import ScoreRequest, create_engine
+from vzero.models.loading import check_same_vocabulary, load_processor
 from vzero.records import Prompt, Trajectory
 from vzero.runtime import actor_device, setup_threads
 from vzero.views import views_for
@@ -40,6 +41,9 @@ class Gating:
             batch_size=cfg.teacher.micro_batch_size,
         )
         self.tokenizer = self.engine.tokenizer
+        if cfg.teacher.model is not None:  # another model (maybe another family): it must share the vocabulary
+            student = load_processor(cfg.student.path, trust_remote_code=cfg.student.trust_remote_code)
+            check_same_vocabulary(student.tokenizer, self.tokenizer)
 
     def gate(
         self, trajectories: list[Trajectory], prompts: dict[str, Prompt]
@@ -58,7 +62,7 @@ class Gating:
                 factor=cfg.views.downsample_factor,
                 seed=cfg.views.seed,
             )
-            teacher_ids[uid] = chat_prompt_ids(self.tokenizer, p.question)
+            teacher_ids[uid] = chat_prompt_ids(self.tokenizer, p.question, cfg.teacher_model.chat)
         t_views = time.perf_counter() - t0
 
         topk = cfg.loss.teacher_topk if cfg.loss.mode == "forward_kl_topk" else 0

@@ -3,7 +3,7 @@
 vzero train --config configs/tiny-cpu.yaml steps=3 output_dir=runs/x     # key.sub=value overrides
 vzero train --config ... --resume                                        # continue from the last checkpoint
 vzero data synth|check|import-vzero ...
-vzero model tiny --out DIR [--arch qwen2_vl|qwen2_5_vl] [--preset tiny|small|3b]
+vzero model tiny --out DIR [--arch qwen2_vl|qwen2_5_vl|qwen3_vl|qwen3_5] [--preset tiny|small|3b|4b]
 """
 
 from __future__ import annotations

@@ -30,12 +30,27 @@ class _Strict(BaseModel):
 class BuildSpec(_Strict):
     """How to build a random-init model when `path` holds none (demos, tests, benchmarks)."""
 
-    arch: Literal["qwen2_vl", "qwen2_5_vl"] = "qwen2_vl"
-    """Real architecture to instantiate (Qwen2-VL or Qwen2.5-VL family)."""
-    preset: Literal["tiny", "small", "3b"] = "tiny"
-    """Size: `tiny` (CPU tests), `small` (toy experiments), `3b` (Qwen2.5-VL-3B shapes, GPU benchmarks)."""
+    arch: Literal["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5"] = "qwen2_vl"
+    """Real architecture to instantiate: the Qwen2-VL, Qwen2.5-VL, Qwen3-VL or Qwen3.5 family (the authors train
+    Qwen3.5; differences between families: vzero/models/families.py)."""
+    preset: Literal["tiny", "small", "3b", "4b"] = "tiny"
+    """Size: `tiny` (CPU tests), `small` (toy experiments), `3b` (Qwen2-VL-2B / Qwen2.5-VL-3B shapes) or `4b`
+    (Qwen3-VL-4B / Qwen3.5-4B shapes, the authors' student): GPU benchmarks."""
     seed: int = 0
     """Seed of the random init; the same seed gives the same weights."""
+
+
+class ChatOptions(_Strict):
+    """How prompts are rendered with the model's chat template (the same for sampling, teacher replay, the learner
+    (which trains on the sampler's prompt ids) and evaluation)."""
+
+    system_prompt: str | None = None
+    """System turn text; unset = no system turn (the authors: none; their `<answer>`-tag system prompt is off).
+    Templates may add their own default when there is none: Qwen2-VL / Qwen2.5-VL insert "You are a helpful
+    assistant.", Qwen3-VL / Qwen3.5 add nothing."""
+    enable_thinking: bool = False
+    """Let the model reason first (Qwen3.5: the generation prompt opens a `<think>` block). The authors: false (the
+    prompt then ends with an empty `<think>\n\n</think>\n\n`). Templates without thinking ignore it."""
 
 
 class ModelSource(_Strict):
@@ -53,6 +68,8 @@ class ModelSource(_Strict):
     """Lower bound on the image area fed to the vision tower (the processor upsamples smaller images)."""
     max_pixels: int = Field(448 * 448, gt=0)
     """Upper bound on the image area fed to the vision tower (pixel budget; larger images are downscaled)."""
+    chat: ChatOptions = ChatOptions()
+    """Chat-template options for prompts to this model."""
 
     @model_validator(mode="after")
     def _pixels_ordered(self) -> ModelSource:
@@ -91,6 +108,9 @@ class VLLMOptions(_Strict):
     """Run the engine core in the actor's process (VLLM_ENABLE_V1_MULTIPROCESSING=0): weights load by reference."""
     max_logprobs: int = Field(64, ge=0)
     """Largest top-k of log-probs an engine may return (teacher top-k for forward_kl_topk)."""
+    max_images_per_prompt: int = Field(1, ge=1)
+    """Most images one request may carry (vLLM `limit_mm_per_prompt`; its memory profile assumes this many at the
+    largest pixel budget). 2 for a teacher that sees the full image and the crop."""
 
 
 class DataSynth(_Strict):
