@@ -18,6 +18,7 @@ matplotlib.use("Agg")  # before pyplot: render to files only, whatever display t
 import matplotlib.pyplot as plt
 import numpy as np
 import pyarrow as pa
+from matplotlib.ticker import MaxNLocator
 
 # panel name -> (title, [(metrics key, legend label)])
 CURVES: dict[str, tuple[str, list[tuple[str, str]]]] = {
@@ -66,12 +67,13 @@ def curve_figures(metrics: list[dict[str, Any]]) -> tuple[list[Figure], list[str
         if not present:
             missing.append(title)
             continue
-        fig, ax = plt.subplots(figsize=(4.0, 2.6))
+        fig, ax = plt.subplots(figsize=(3.8, 2.5))  # 380 px: three panels per row
         for key, label in present:
             ys = [_number(m.get(key)) for m in metrics]
             ax.plot(steps, ys, marker="o", markersize=3, linewidth=1.4, label=label)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("step", fontsize=8)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.tick_params(labelsize=8)
         ax.grid(alpha=0.3)
         if len(present) > 1:
