@@ -76,9 +76,9 @@ def build_report(
         histograms=histograms,
         gallery=gallery,
         gallery_caption=(
-            f"Steps {gallery_steps or '(none)'}: per step, the {prompts} prompts whose sampled responses differ most "
-            "in mean Δ. Δ = lp_pos − lp_neg per token: the teacher's log-prob of the student's token with the "
-            "evidence crop minus with the negative view. Hover a token for its numbers."
+            f"Steps {gallery_steps or '(none)'}: per step, up to {prompts} prompts, those whose sampled responses "
+            "differ most in mean Δ. Δ = lp_pos − lp_neg per token: the teacher's log-prob of the student's token "
+            "with the evidence crop minus with the negative view. Hover a token for its numbers."
         ),
         config_text=run.config_text,
         versions=_versions(run),
