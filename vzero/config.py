@@ -323,11 +323,14 @@ class LoggingConfig(_Strict):
     tensorboard: bool = True
     """Also write TensorBoard events under output_dir/tb."""
     progress_bar: bool = True
-    """Show a per-step progress bar on the console."""
+    """Print one progress line per step on the console (step, loss, gate weight, seconds)."""
     save_trajectories: bool = True
     """Keep every step's trajectories (ids, log-probs, teacher log-probs, weights) as Parquet."""
     ray_metrics: bool = True
     """Export metrics to the Ray dashboard / Prometheus via ray.util.metrics."""
+    verbose: bool = False
+    """Let vLLM, Ray, transformers and tqdm print their INFO lines and progress bars (off: warnings and errors only,
+    see vzero/console.py)."""
 
 
 class TrainConfig(_Strict):

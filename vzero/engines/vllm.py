@@ -94,6 +94,7 @@ class VLLMEngine(Engine):
             mm_processor_kwargs={"min_pixels": min_pixels, "max_pixels": max_pixels},
             enforce_eager=options.enforce_eager or device == "cpu",  # CPU: compiled graphs may keep stale weights
             tensor_parallel_size=options.tensor_parallel_size,
+            use_tqdm_on_load=os.environ.get("TQDM_DISABLE", "0") in ("", "0"),  # quiet runs set it (vzero/console.py)
         )
         if device != "cpu":
             kwargs["gpu_memory_utilization"] = options.gpu_memory_utilization
