@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from vzero.config import MAX_SEED, ConfigError, load_config
+from vzero.config import ConfigError, load_config
 
 TINY = Path(__file__).resolve().parents[2] / "configs/tiny-cpu.yaml"
+MAX_SEED = 2**31 - 1  # non-negative and 31 bits: what numpy (np.random.seed) and vLLM engines (seed + rank) take
 
 
 @pytest.mark.parametrize("field", ["seed", "views.seed", "data.synth.seed", "student.build.seed"])
