@@ -205,32 +205,53 @@ class VLLMEngine(Engine):
         return results
 
     def _replay_sharing_prompts(self, prompts: list[dict], requests: list[ScoreRequest]) -> list:
-        """Teacher-forced replays that reuse the KV of prompts already computed (CPU engines).
+        """Teacher-forced replays that compute each distinct prompt once (CPU engines).
 
         Why: the n trajectories of a prompt are replayed on the same view with the same question, so they share the
         whole teacher prompt, but vLLM skips its prefix cache for prompt-logprob requests by default
         (`skip_reading_prefix_cache`) and recomputes that prompt n times. Reading the cache is exact (same KV) as long
-        as the cached part ends before the response: vLLM leaves the prompt-logprob rows of cached positions unfilled,
-        and we only read the response's rows. A hit can reach into the response when two trajectories share a
-        block-aligned response prefix; those requests (`num_cached_tokens` too large, or unknown) are replayed again
-        without the cache. CPU only, because there prefills are never split (`_cpu_scheduling`): a max_tokens=1
-        request then finishes in the step that computes it and cannot be preempted and resumed half-filled.
+        as the cached part ends before the last prompt token, whose logits score the first response token: vLLM
+        leaves the prompt-logprob rows of cached positions unfilled, and we read the response's rows only. So:
+          1. one replay per distinct (prompt, image), cold: it fills the cache and tells the expanded prompt length;
+          2. the others read the cache, except where that length is a multiple of the block size (the hit would
+             cover the last prompt token);
+          3. a hit can still reach into the response when two trajectories share a block-aligned response prefix;
+             those few (`num_cached_tokens` too large or unknown) are replayed again without the cache.
+        CPU only, because there prefills are never split (`_cpu_scheduling`): a max_tokens=1 request then finishes
+        in the step that computes it and cannot be preempted and resumed half-filled.
         """
-        params = [_replay_params(r.topk, skip_reading_prefix_cache=False) for r in requests]
-        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        block = self.llm.llm_engine.vllm_config.cache_config.block_size
+        groups: dict[tuple[int, tuple[int, ...]], list[int]] = {}
+        for i, r in enumerate(requests):
+            groups.setdefault((id(r.image), tuple(r.prompt_ids)), []).append(i)
+        outputs: list = [None] * len(requests)
+        firsts = [g[0] for g in groups.values()]
+        self._replay_into(outputs, prompts, requests, firsts)
+        reuse = {}
+        for g in groups.values():
+            prompt_len = len(outputs[g[0]].prompt_token_ids) - len(requests[g[0]].response_ids)
+            reuse.update({i: prompt_len % block != 0 for i in g[1:]})
+        self._replay_into(outputs, prompts, requests, list(reuse), reuse)
         redo = [
             i
-            for i, (out, r) in enumerate(zip(outputs, requests, strict=True))
-            if out.num_cached_tokens is None
-            or out.num_cached_tokens > len(out.prompt_token_ids) - len(r.response_ids) - 1
+            for i in reuse
+            if outputs[i].num_cached_tokens is None
+            or outputs[i].num_cached_tokens > len(outputs[i].prompt_token_ids) - len(requests[i].response_ids) - 1
         ]
-        if redo:
-            again = self.llm.generate(
-                [prompts[i] for i in redo], [_replay_params(requests[i].topk) for i in redo], use_tqdm=False
-            )
-            for i, out in zip(redo, again, strict=True):
-                outputs[i] = out
+        self._replay_into(outputs, prompts, requests, redo)
         return outputs
+
+    def _replay_into(
+        self, outputs: list, prompts: list[dict], requests: list[ScoreRequest], idx: list[int], reuse=None
+    ) -> None:
+        """Replay requests `idx` (reading the prefix cache where `reuse[i]`) and store their outputs in place."""
+        if not idx:
+            return
+        params = [
+            _replay_params(requests[i].topk, skip_reading_prefix_cache=not (reuse or {}).get(i, False)) for i in idx
+        ]
+        for i, out in zip(idx, self.llm.generate([prompts[i] for i in idx], params, use_tqdm=False), strict=True):
+            outputs[i] = out
 
     # -- weights --------------------------------------------------------------------------------------------------
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> int:
