@@ -126,6 +126,9 @@ def run(a: argparse.Namespace) -> dict:
     stream = PromptStream(data, seed=0, shuffle=False)
     batches = [stream.next_batch(a.prompts) for _ in range(a.reps + 1)]
     cfg = _config(a, model, data, work / "run", cuda)
+    # Ray starts workers at nice 15 (RAY_worker_niceness): on a shared machine every other process would then starve
+    # the measured actors. Jobs submitted to a cluster run at 0 (Ray's job manager sets it), as here.
+    os.environ.setdefault("RAY_worker_niceness", "0")
     ray.init(
         address="local",
         num_cpus=cfg.ray.num_cpus,
@@ -186,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
                 "learner_mfu": ">= 0.40",
                 "async_step_over_slowest": "<= 1.15",
             },
-            "env": {k: v for k, v in os.environ.items() if k.startswith(("VLLM_", "CUDA_VISIBLE"))},
+            "env": {k: v for k, v in os.environ.items() if k.startswith(("VLLM_", "CUDA_VISIBLE", "RAY_worker"))},
         }
     )
     a.out.parent.mkdir(parents=True, exist_ok=True)

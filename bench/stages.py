@@ -169,6 +169,7 @@ def teacher(b: Bench, trajectories: list[list[Trajectory]]) -> tuple[dict, list[
             "seconds": wall,
             "actor_seconds": st["teacher/seconds"],
             "score_seconds": st["teacher/score_seconds"],
+            "views_seconds": st["teacher/views_seconds"],
             "cpu_seconds": cpu,
             "tokens_per_s": scored / wall,
             "tokens_per_cpu_s": scored / cpu,

@@ -18,6 +18,7 @@ vLLM is imported lazily, inside this module only.
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 from collections.abc import Iterable
@@ -86,6 +87,20 @@ def _cpu_scheduling(options: VLLMOptions) -> dict[str, object]:
     }
 
 
+class _NoThreadCountWarnings(logging.Filter):
+    """Drops vLLM's "CPU backend doesn't allow to use `torch.set_num_threads`" warning, logged twice per request.
+
+    An in-process CPU engine replaces `torch.set_num_threads` process-wide with a function that only logs that
+    warning (`cpu_worker.init_device`), and vLLM's renderer wraps every multimodal request in a thread-count context
+    manager (`renderers/base.py` `_process_multimodal`): two formatted log lines per request, e.g. 256 per teacher
+    batch of 8 prompts x n=8 x 2 views, each also shipped through Ray's log pipeline to the driver. Nothing is lost:
+    the call being skipped is vLLM's own, and our thread count is set before the engine starts (`setup_threads`).
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("CPU backend doesn't allow to use `torch.set_num_threads`")
+
+
 def _replay_params(topk: int, **extra: object):
     """One token of generation after a teacher-forced prompt: its prompt log-probs (plus the top-k) are the replay."""
     from vllm import SamplingParams
@@ -143,6 +158,8 @@ class VLLMEngine(Engine):
             kwargs["distributed_executor_backend"] = "uni"
         if worker_extension:
             kwargs["worker_extension_cls"] = worker_extension
+        if device == "cpu":
+            logging.getLogger("vllm.v1.worker.cpu_worker").addFilter(_NoThreadCountWarnings())
         self.llm = LLM(**kwargs)
         self.tokenizer = self.llm.get_tokenizer()
         banned = banned_token_ids(self.tokenizer, self.llm.llm_engine.model_config.get_vocab_size())
