@@ -9,6 +9,7 @@ clock on a shared 2-core machine moves with other people's load; CPU seconds muc
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -48,19 +49,35 @@ class RawVLLM(_CpuProbe):
         self.llm = self.engine.llm
         self.model = model
 
-    def generate(self, prompts: list, n: int, max_tokens: int, seed: int = 0) -> dict:
-        """One timed `LLM.generate` of n samples per prompt (sampled-token log-probs, one seed, no detokenising)."""
+    def generate(self, prompts: list, spec_json: str) -> dict:
+        """One timed `LLM.generate` of the requests the Sampler actor would send for `prompts`: the same sampling
+        parameters as `VLLMEngine.generate` (request i seeded spec.seed + i * n, banned ids masked), so both sides
+        sample the same tokens and the ratio measures only what the actor adds around the engine."""
         from vllm import SamplingParams
 
+        from vzero.engines import SamplingSpec
         from vzero.images import decode_rgb
         from vzero.vlm_inputs import chat_prompt_ids
 
+        spec = SamplingSpec(**json.loads(spec_json))
         tok = self.engine.tokenizer
         reqs = [
             {"prompt_token_ids": chat_prompt_ids(tok, p.question), "multi_modal_data": {"image": decode_rgb(p.image)}}
             for p in prompts
         ]
-        params = SamplingParams(n=n, temperature=1.0, max_tokens=max_tokens, logprobs=0, seed=seed, detokenize=False)
+        params = [
+            SamplingParams(
+                n=spec.n,
+                temperature=spec.temperature,
+                top_p=spec.top_p,
+                max_tokens=spec.max_tokens,
+                logprobs=0,
+                seed=spec.seed + i * spec.n,
+                detokenize=False,
+                **self.engine.ban,
+            )
+            for i in range(len(reqs))
+        ]
         c0, t0 = time.process_time(), time.perf_counter()
         outs = self.llm.generate(reqs, params, use_tqdm=False)
         seconds, cpu = time.perf_counter() - t0, time.process_time() - c0

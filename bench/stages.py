@@ -10,6 +10,7 @@ other load); all reps are kept, with wall and process-CPU seconds.
 
 from __future__ import annotations
 
+import json
 import statistics
 import time
 from collections.abc import Callable
@@ -80,8 +81,13 @@ def rollout(b: Bench, hf_sequences: int = 0) -> tuple[dict, Any, dict, list[list
     ray.get([raw.cpu_seconds.remote(), sampler.ready.remote()])
     trajectories: list[list[Trajectory]] = []
 
+    def spec(i: int) -> str:  # what Sampler.generate(batch, seed=i) samples with
+        return json.dumps(
+            {"n": r.n, "temperature": r.temperature, "top_p": r.top_p, "max_tokens": r.max_tokens, "seed": i}
+        )
+
     def run_raw(i: int) -> dict:
-        return ray.get(raw.generate.remote(b.batches[i], r.n, r.max_tokens))
+        return ray.get(raw.generate.remote(b.batches[i], spec(i)))
 
     def run_sampler(i: int) -> dict:
         (trajs, st), wall, cpu = _timed(sampler, lambda: sampler.generate.remote(b.batches[i], seed=i))
@@ -102,6 +108,7 @@ def rollout(b: Bench, hf_sequences: int = 0) -> tuple[dict, Any, dict, list[list
     res = {"raw_vllm": _best(raws), "sampler_actor": _best(samps)}
     res["sampler_vs_raw"] = res["sampler_actor"]["tokens_per_s"] / res["raw_vllm"]["tokens_per_s"]
     res["sampler_vs_raw_cpu"] = max(x["tokens_per_cpu_s"] for x in samps) / max(x["tokens_per_cpu_s"] for x in raws)
+    res["same_tokens"] = all(x["tokens"] == y["tokens"] for x, y in zip(raws, samps, strict=True))
     floor = ray.get(raw.load_floor.remote())
     ray.kill(raw)
     if hf_sequences:
