@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from learner import fsdp
+from learner.collective import CollectiveSender
 from learner.losses import gated_opd_loss
 from learner.weight_sync import WeightPush, WeightSender
 from vzero.batching import length_mask, pad_ragged
@@ -31,6 +33,7 @@ from vzero.models.loading import load_model, load_processor, resolve_dtype
 from vzero.records import Prompt, Trajectory
 from vzero.runtime import actor_device, setup_threads
 from vzero.vlm_inputs import EncodedImage, ImageEncoder, collate
+from vzero.weight_group import GroupSpec
 
 
 def _is_oom(exc: BaseException) -> bool:
@@ -38,7 +41,9 @@ def _is_oom(exc: BaseException) -> bool:
 
 
 class Learner:
-    def __init__(self, cfg: TrainConfig):
+    def __init__(self, cfg: TrainConfig, rank: int = 0, world_size: int = 1, master: tuple[str, int] | None = None):
+        """`rank`/`world_size`/`master`: this rank of a sharded learner group (learner/group.py spawns them);
+        world_size 1 is the single-process learner."""
         self.cfg = cfg
         setup_threads(cfg.learner.resources)
         self.device = torch.device(actor_device(cfg.learner.resources))
@@ -57,6 +62,11 @@ class Learner:
                     p.requires_grad_(False)
                     self.frozen.add(name)
         self.model.train()
+        # Sharded ranks (learner/fsdp.py): shard before the optimizer sees the parameters.
+        self.dp = fsdp.DataParallel(rank, world_size) if world_size > 1 else None
+        if self.dp is not None:
+            fsdp.init_process_group(rank, world_size, master, self.device, cfg.learner.weight_push_timeout_s)
+            fsdp.shard(self.model)
         processor = load_processor(s.path, trust_remote_code=s.trust_remote_code)
         self.tokenizer = processor.tokenizer
         self.encoder = ImageEncoder(processor.image_processor, min_pixels=s.min_pixels, max_pixels=s.max_pixels)
@@ -70,6 +80,7 @@ class Learner:
         )
         self.version = 0
         self._senders: dict[str, WeightSender] = {}
+        self._collective: CollectiveSender | None = None
         sampler_device = "cuda" if cfg.rollout.resources.num_gpus > 0 else "cpu"
         self.push_dtype = resolve_dtype(cfg.student.dtype, sampler_device)
 
@@ -152,6 +163,13 @@ class Learner:
             # gradient behind, which is why the split happens before the failing part's backward completes.
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
+            if self.dp is not None:  # halving here would leave the other ranks' FSDP collectives hanging
+                raise RuntimeError(
+                    f"learner rank {self.dp.rank} out of memory under FSDP (learner.world_size="
+                    f"{self.dp.world_size}): the out-of-memory halving is off with several ranks; lower "
+                    "learner.micro_batch_size, set learner.max_tokens_per_micro_batch, set "
+                    "learner.gradient_checkpointing=true, or raise learner.world_size"
+                ) from exc
             if len(trajs) == 1:
                 raise RuntimeError(
                     f"learner out of memory on a single trajectory of {trajs[0].num_tokens} response tokens; lower "
@@ -198,14 +216,21 @@ class Learner:
     def train_step(self, trajectories: list[Trajectory], prompts: dict[str, Prompt]) -> dict[str, float]:
         """One optimiser step over all the step's trajectories; returns metrics (loss, grad norm, tokens/s)."""
         t0 = time.perf_counter()
-        images = self._encode_images(prompts, [t.uid for t in trajectories])
-        n_valid = max(1, sum(t.num_tokens for t in trajectories))
+        mine = self.dp.share(trajectories) if self.dp is not None else trajectories  # sharded: this rank's share
+        images = self._encode_images(prompts, [t.uid for t in [*mine, trajectories[0]]])
+        n_valid = max(1, sum(t.num_tokens for t in trajectories))  # GLOBAL: N ranks step like one
         acc: dict[str, float] = {}
         self.optimizer.zero_grad(set_to_none=True)
-        for micro in self._micro_batches(trajectories, images):
-            self._run(micro, images, n_valid, acc)
+        micro = self._micro_batches(mine, images)
+        passes = self.dp.agree(len(micro)) if self.dp is not None else len(micro)  # agreed BEFORE any collective
+        for m in micro:
+            self._run(m, images, n_valid, acc)
+        for _ in range(passes - len(micro)):  # a rank with less work still runs every FSDP collective
+            fsdp.idle_backward(self.model, self._batch(trajectories[:1], images), self._autocast())
         params = [p for p in self.model.parameters() if p.requires_grad]
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.learner.grad_clip)
+        grad_norm = fsdp.grad_norm(torch.nn.utils.clip_grad_norm_(params, self.cfg.learner.grad_clip))
+        if self.dp is not None:
+            acc = self.dp.merge(acc)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.version += 1
@@ -228,13 +253,38 @@ class Learner:
     def state_for_push(self, transport: str = "object_store") -> WeightPush:
         """The samplers' next weights (HF names; frozen tensors skipped: they never change), bucketed for the
         transport, cast to the samplers' dtype (bf16 on GPU halves the bytes of the fp32 master copy)."""
+        if self.dp is not None:  # gathered once from the shards (every rank takes part); rank 0 sends
+            named = fsdp.full_weights(self.model, self.push_dtype, self.frozen, self.dp.rank)
+            if self.dp.rank != 0:
+                return None
+        else:
+            named = [
+                (n, p.detach().to(self.push_dtype)) for n, p in self.model.state_dict().items() if n not in self.frozen
+            ]
+        if transport == "collective":
+            return self._collective_sender().make_push(named, self.version)
         sender = self._senders.get(transport)
         if sender is None:
             sender = self._senders[transport] = WeightSender(transport)
-        named = [
-            (n, p.detach().to(self.push_dtype)) for n, p in self.model.state_dict().items() if n not in self.frozen
-        ]
         return sender.make_push(named, self.version)
+
+    # The collective transport (learner/collective.py; the driver runs the protocol, vzero/pushes.py).
+    def _collective_sender(self) -> CollectiveSender:
+        if self._collective is None:
+            keep = self.cfg.max_staleness + 1 if self.cfg.mode == "async" else 1
+            self._collective = CollectiveSender(
+                self.device, timeout_s=self.cfg.learner.weight_push_timeout_s, keep_versions=keep
+            )
+        return self._collective
+
+    def open_weight_group(self, key: str, world_size: int) -> GroupSpec:
+        return self._collective_sender().open_group(key, world_size)
+
+    def join_weight_group(self, key: str) -> int:
+        return self._collective_sender().join_group(key)
+
+    def send_weights(self, version: int, keys: list[str]) -> dict[str, str]:
+        return self._collective_sender().send(version, keys)
 
     def release_push(self) -> None:
         """Every sampler acknowledged the last push: drop the GPU buckets kept alive for CUDA IPC."""
@@ -250,14 +300,35 @@ class Learner:
 
     # -- checkpoints ------------------------------------------------------------------------------------------
     def save(self, directory: str) -> None:
-        """Write model (HF format, safetensors) + optimizer + RNG into `directory` (the driver makes it atomic)."""
+        """Write model (HF format, safetensors) + optimizer + RNG into `directory` (the driver makes it atomic);
+        sharded ranks write DCP shards next to the HF model dir (learner/fsdp.py)."""
+        if self.dp is not None:
+            fsdp.save(
+                Path(directory),
+                self.model,
+                self.optimizer,
+                rank=self.dp.rank,
+                world_size=self.dp.world_size,
+                source_model=self.cfg.student.path,
+                version=self.version,
+            )
+            return
         save_training_state(Path(directory), self.model, self.optimizer, self.cfg.student.path, self.version)
 
     def load(self, directory: str) -> int:
-        """Restore model, optimizer, RNG and version from a checkpoint directory; returns the version."""
-        self.version = load_training_state(Path(directory), self.model, self.optimizer)
+        """Restore model, optimizer, RNG and version from a checkpoint directory; returns the version. Either
+        layout loads into either kind of learner (DCP reshards to this world size)."""
+        path, rank = Path(directory), self.dp.rank if self.dp is not None else 0
+        if fsdp.is_sharded_checkpoint(path):
+            self.version = fsdp.load(path, self.model, self.optimizer, rank=rank)
+        elif self.dp is not None:
+            self.version = fsdp.load_unsharded(path, self.model, self.optimizer, rank=rank)
+        else:
+            self.version = load_training_state(path, self.model, self.optimizer)
         return self.version
 
     def ready(self) -> str:
         """Returns once __init__ finished (the driver waits on it)."""
+        if self.dp is not None:
+            return f"learner rank {self.dp.rank}/{self.dp.world_size}: transformers + FSDP2 on {self.device}"
         return f"learner: transformers on {self.device}"

@@ -8,6 +8,7 @@ Transports (the receiving end is `actors.sampler.Sampler.update_weights` + `acto
   (`torch.multiprocessing.reductions.reduce_tensor`); the sampler maps the same memory and loads from it.
   Measured 0.19 s for 7 GB between two Ray actors on one H100. The sender keeps the buckets alive until the push
   is acknowledged (`release`).
+- `collective`: learner/collective.py (a process group per sampler; only the plan travels through Ray).
 Frozen parameters (e.g. a frozen vision tower) are never sent.
 """
 

@@ -5,7 +5,8 @@
   2. samples   = samplers.generate(prompts)      n trajectories/prompt on the full image, with sampler log-probs
   3. gated     = gating.gate(samples)             teacher replay on positive + negative views -> gate weights
   4. metrics   = learner.train_step(gated)        gated distillation loss, AdamW step, policy version + 1
-  5. push      learner weights -> every sampler   (one object-store put, many gets; skipped versions are no-ops)
+  5. push      learner weights -> every sampler   (vzero/pushes.py: CUDA IPC on the learner's GPU, a collective
+                                                  broadcast to other GPUs / CPU samplers, or the object store)
 In `async` mode step k+1's rollouts are already queued on the samplers while the learner trains on step k; a batch
 is never more than `max_staleness` versions behind, and the PPO ratio uses the sampler's own log-probs. Because each
 sampler executes its calls in order, a weight push queued behind a `generate` never lands inside that batch; every
@@ -34,14 +35,17 @@ import torch
 
 from actors.sampler import Sampler
 from gating.teacher import Gating
+from learner.group import LearnerGroup
 from learner.learner import Learner
 from vzero import checkpoint as ckpt
 from vzero.assets import ensure_data, ensure_model
 from vzero.cluster import call_with_retry, check_resources, connect, spawn, wait_ready
-from vzero.config import TrainConfig, dump_config
+from vzero.config import RolloutConfig, TeacherConfig, TrainConfig, dump_config
 from vzero.data.quarantine import QuarantineWriter
 from vzero.data.stream import PromptStream
 from vzero.metrics_log import MetricsLog
+from vzero.placement import engine_strategy
+from vzero.pushes import WeightPusher
 from vzero.records import Prompt, Trajectory
 from vzero.runtime import derive_seed
 from vzero.telemetry import Telemetry
@@ -78,21 +82,24 @@ class Run:
         ensure_model(cfg.teacher_model)
         connect(cfg)
         check_resources(cfg)
+        self.placement_groups: list[Any] = []  # of tensor-parallel engines (vzero/placement.py); removed at shutdown
         self.samplers = [
-            spawn(Sampler, cfg.rollout.resources, f"vzero-sampler-{i}-{id(self):x}", cfg, i)
-            for i in range(cfg.rollout.num_samplers)
+            spawn(Sampler, cfg.rollout.resources, name, cfg, i, placement=self._engine_placement(cfg.rollout, name))
+            for i, name in enumerate(f"vzero-sampler-{i}-{id(self):x}" for i in range(cfg.rollout.num_samplers))
         ]
         self.gaters = [
-            spawn(Gating, cfg.teacher.resources, f"vzero-gating-{i}-{id(self):x}", cfg, i)
-            for i in range(cfg.teacher.num_actors)
+            spawn(Gating, cfg.teacher.resources, name, cfg, i, placement=self._engine_placement(cfg.teacher, name))
+            for i, name in enumerate(f"vzero-gating-{i}-{id(self):x}" for i in range(cfg.teacher.num_actors))
         ]
-        self.learner = spawn(Learner, cfg.learner.resources, f"vzero-learner-{id(self):x}", cfg)
+        name = f"vzero-learner-{id(self):x}"  # world_size > 1: N FSDP ranks behind the same methods (a facade)
+        one = cfg.learner.world_size == 1
+        self.learner = spawn(Learner, cfg.learner.resources, name, cfg) if one else LearnerGroup(cfg, name)
         named = {f"sampler-{i}": a for i, a in enumerate(self.samplers)}
         named.update({f"gating-{i}": a for i, a in enumerate(self.gaters)})
         named["learner"] = self.learner
         self.engines = wait_ready(named)
         log.info("actors ready: %s", "; ".join(self.engines.values()))
-        self.transport = self._resolve_transport()
+        self.pusher = WeightPusher(cfg, self.learner, self.samplers)
         self.quarantine = QuarantineWriter(self.out / "quarantine.parquet")
         self.stream = PromptStream(
             cfg.data.path,
@@ -105,7 +112,6 @@ class Run:
         self.telemetry = Telemetry(enabled=cfg.logging.ray_metrics)
         self.step = 0
         self.version = 0
-        self.weight_refs: dict[int, Any] = {}  # recent published versions (async may need an older one again)
         self.faults = 0  # actor deaths / restarts the loop recovered from
         self.pushed_version = 0  # what the samplers hold (lags self.version when learner.weight_push_every > 1)
         self.stop_requested = False
@@ -141,25 +147,13 @@ class Run:
         (tmp / "trainer_state.json").write_text(json.dumps(state))
         return ckpt.commit(tmp, self.cfg.checkpoint.keep_last)
 
-    # -- weights ------------------------------------------------------------------------------------------------
+    # -- weights (vzero/pushes.py: transports, the collective protocol, timeouts) --------------------------------
     def _publish_weights(self) -> None:
-        """One put of the learner's current state into the object store (samplers get it from there)."""
-        self.weight_refs[self.version] = self.learner.state_for_push.remote(self.transport)
-        keep = self.version - self.cfg.max_staleness - 1
-        self.weight_refs = {v: r for v, r in self.weight_refs.items() if v >= keep}
+        self.pusher.publish(self.version)
 
-    def _push_one(self, sampler: Any, version: int | None = None) -> Any:
-        version = self.version if version is None else version
-        return sampler.update_weights.remote(self.weight_refs[version], version)
-
-    def _resolve_transport(self) -> str:
-        """`auto`: CUDA IPC when every sampler sits on the learner's GPU (zero copy), else the object store."""
-        wanted = self.cfg.learner.weight_transport
-        if wanted != "auto":
-            return wanted
-        learner_gpu = ray.get(self.learner.device_uuid.remote())
-        sampler_gpus = ray.get([s.device_uuid.remote() for s in self.samplers])
-        return "cuda_ipc" if learner_gpu and all(u == learner_gpu for u in sampler_gpus) else "object_store"
+    def _push_one(self, i: int, version: int) -> dict[str, float]:
+        """Bring sampler i to `version` (blocking)."""
+        return self.pusher.push([i], version)[0]
 
     def _count_fault(self) -> None:
         self.faults += 1
@@ -168,25 +162,11 @@ class Run:
         """A restarted sampler is back at the initial weights (version 0): bring it to `version`."""
         self.faults += 1
         if version > 0:
-            ray.get(self._push_one(self.samplers[i], version))
+            self._push_one(i, version)
 
     def _push_all(self) -> dict[str, float]:
         self.pushed_version = self.version
-        t0 = time.perf_counter()
-        results = call_with_retry(
-            lambda: [self._push_one(s) for s in self.samplers], what="weight push", on_restart=None
-        )
-        seconds = time.perf_counter() - t0
-        self.learner.release_push.remote()  # every sampler has loaded it: IPC buckets may go
-        nbytes = max((r.get("bytes", 0.0) for r in results), default=0.0)
-        return {
-            "weight_push/seconds": seconds,
-            "weight_push/load_seconds_max": max(r["seconds"] for r in results),
-            "weight_push/gb": nbytes / 1e9,
-            "weight_push/gb_per_s": nbytes / 1e9 / seconds if seconds > 0 else 0.0,
-            "sampler/min_version": min(r["version"] for r in results),
-            "weight_push/transport_ipc": float(self.transport == "cuda_ipc"),
-        }
+        return self.pusher.push_all(self.version)
 
     # -- stages -------------------------------------------------------------------------------------------------
     def _submit_rollout(self, step: int) -> InFlight:
@@ -221,7 +201,7 @@ class Run:
                 self._restore_sampler(i, job.version)
                 trajs, st = call_with_retry(submit, what=what, on_restart=restarted)
             if self.pushed_version > job.version and self.faults:  # async: pushes queued on the dead actor were lost
-                ray.get(self._push_one(self.samplers[i], self.pushed_version))
+                self._push_one(i, self.pushed_version)
             trajectories.extend(trajs)
             seconds = max(seconds, st["seconds"])
             tokens += st["tokens"]
@@ -345,9 +325,21 @@ class Run:
         log.warning("SIGTERM: finishing the current step, writing a checkpoint, then stopping")
         self.stop_requested = True
 
+    def _engine_placement(self, role: RolloutConfig | TeacherConfig, name: str) -> Any:
+        strategy = engine_strategy(role.resources, role.vllm, name)
+        if strategy is not None:
+            self.placement_groups.append(strategy.placement_group)
+        return strategy
+
     def shutdown(self) -> None:
-        for a in [*self.samplers, *self.gaters, self.learner]:
+        for a in [*self.samplers, *self.gaters]:
             ray.kill(a, no_restart=True)
+        if isinstance(self.learner, LearnerGroup):
+            self.learner.shutdown()
+        else:
+            ray.kill(self.learner, no_restart=True)
+        for pg in self.placement_groups:
+            ray.util.remove_placement_group(pg)
 
 
 def _progress(cfg: TrainConfig, start: int):
