@@ -42,7 +42,7 @@ class Sampler:
         )
         self.tokenizer = self.engine.tokenizer
         self.version = 0
-        self.group_port: int | None = None  # the collective transport's weight group, once joined
+        self.group_id: str | None = None  # the collective transport's weight group, once joined
 
     def generate(self, prompts: list[Prompt], *, seed: int) -> tuple[list[Trajectory], dict[str, float]]:
         """n trajectories per prompt, grouped by prompt (group id = prompt uid), plus timing stats."""
@@ -92,20 +92,20 @@ class Sampler:
         """Ranks this sampler contributes to its weight group (its engine's workers: tp for a TP engine)."""
         return self.engine.workers
 
-    def join_weight_group(self, spec: GroupSpec) -> int:
-        """Join a fresh weight group (rank 0 = the learner, this engine's workers at 1..tp); returns its port."""
-        self.group_port = None
+    def join_weight_group(self, spec: GroupSpec) -> str:
+        """Join a fresh weight group (rank 0 = the learner, this engine's workers at 1..tp); returns its id."""
+        self.group_id = None
         self.engine.join_weight_group(spec, rank_offset=1)
-        self.group_port = spec.port
-        return spec.port
+        self.group_id = spec.group_id
+        return spec.group_id
 
-    def weight_group(self) -> int | None:
-        """The port of the group this sampler is in (None after a restart: the driver rebuilds it)."""
-        return self.group_port
+    def weight_group(self) -> str | None:
+        """The id of the weight group this sampler is in (None after a restart: the driver rebuilds it)."""
+        return self.group_id
 
     def receive_weights(self, push: WeightPush, version: int) -> dict[str, float]:
         """Take part in a collective push: load it, or drain it if this sampler already has `version`."""
-        if self.group_port is None:
+        if self.group_id is None:
             raise RuntimeError(f"sampler-{self.rank} is in no weight group (restarted?); the driver must rebuild it")
         t0 = time.perf_counter()
         load = version > self.version

@@ -15,6 +15,8 @@ for a push it first starts the samplers' receive calls, then `send(version, keys
 
 from __future__ import annotations
 
+import uuid
+
 import torch
 
 from vzero.weight_group import GroupSpec, WeightGroup, free_port, node_address, send_buckets
@@ -69,15 +71,15 @@ class CollectiveSender:
         """A fresh rendezvous point for `key` (an old group of that key is closed: its peer is gone)."""
         self.close_group(key)
         host = node_address()
-        spec = GroupSpec(host, free_port(host), world_size, self.backend, self.timeout_s)
+        spec = GroupSpec(host, free_port(host), world_size, self.backend, self.timeout_s, uuid.uuid4().hex)
         self._pending[key] = spec
         return spec
 
-    def join_group(self, key: str) -> int:
-        """Rank 0's side of the rendezvous; blocks until the sampler's workers joined too. Returns the port."""
+    def join_group(self, key: str) -> str:
+        """Rank 0's side of the rendezvous; blocks until the sampler's workers joined too. Returns the group id."""
         spec = self._pending.pop(key)
         self.groups[key] = WeightGroup(spec, 0, self.device)
-        return spec.port
+        return spec.group_id
 
     def close_group(self, key: str) -> None:
         self._pending.pop(key, None)

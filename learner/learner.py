@@ -280,7 +280,7 @@ class Learner:
     def open_weight_group(self, key: str, world_size: int) -> GroupSpec:
         return self._collective_sender().open_group(key, world_size)
 
-    def join_weight_group(self, key: str) -> int:
+    def join_weight_group(self, key: str) -> str:
         return self._collective_sender().join_group(key)
 
     def send_weights(self, version: int, keys: list[str]) -> dict[str, str]:

@@ -48,7 +48,7 @@ class WeightPusher:
         self.timeout_s = cfg.learner.weight_push_timeout_s
         self.restart_deadline_s = restart_deadline_s  # as long as the driver waits for any restarted actor
         self.refs: dict[int, dict[str, Any]] = {}  # version -> transport -> ref of the learner's push
-        self.ports: dict[int, int] = {}  # sampler -> port of the group the learner holds for it
+        self.groups: dict[int, str] = {}  # sampler -> id of the weight group the learner holds for it
         self.known: dict[int, int] = {}  # sampler -> version its group last received
         self.transports = self.resolve_transports()
 
@@ -141,10 +141,10 @@ class WeightPusher:
     def _collective_round(self, indices: list[int], version: int) -> tuple[dict[int, dict[str, float]], list[int]]:
         """One attempt: (results of the samplers that got the push, samplers that died on the way)."""
         died: list[int] = []
-        ports: dict[int, int | None] = {}
+        ids: dict[int, str | None] = {}
         for i, ref in [(i, self.samplers[i].weight_group.remote()) for i in indices]:  # 1. idle now
             try:
-                ports[i] = ray.get(ref)
+                ids[i] = ray.get(ref)
             except ActorDiedError as exc:  # a fresh call: a restarting actor would answer once it is back
                 raise RuntimeError(
                     f"weight push of version {version} to {group_key(i)} cannot complete: the sampler is dead and will "
@@ -153,7 +153,7 @@ class WeightPusher:
             except ACTOR_ERRORS:
                 died.append(i)
         alive = [i for i in indices if i not in died]
-        stale = [i for i in alive if ports[i] is None or ports[i] != self.ports.get(i)]
+        stale = [i for i in alive if ids[i] is None or ids[i] != self.groups.get(i)]
         for i in stale:  # 2. a fresh group for first pushes and restarted samplers
             self.known.pop(i, None)
         died += self._build_groups(stale)
@@ -174,10 +174,10 @@ class WeightPusher:
                 self.known[i] = int(out[i]["version"])
             except ACTOR_ERRORS:
                 died.append(i)
-                self.ports.pop(i, None)
+                self.groups.pop(i, None)
             else:
                 if group_key(i) in failed:  # the sampler returned but the learner's side broke: rebuild next time
-                    self.ports.pop(i, None)
+                    self.groups.pop(i, None)
         return out, died
 
     def _build_groups(self, indices: list[int]) -> list[int]:
@@ -196,7 +196,7 @@ class WeightPusher:
             except ACTOR_ERRORS:
                 died.append(i)
                 continue
-            self.ports[i] = spec.port
+            self.groups[i] = spec.group_id
             log.info(
                 "weight group for %s on %s:%d (%d ranks, %s)",
                 group_key(i),

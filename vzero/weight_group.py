@@ -40,6 +40,7 @@ class GroupSpec:
     world_size: int
     backend: str  # "gloo" | "nccl"
     timeout_s: float
+    group_id: str = ""  # unique per rendezvous (the OS may hand out a port number again)
 
     def to_wire(self) -> dict:
         return asdict(self)
