@@ -95,30 +95,30 @@ def alive_nodes() -> list[dict[str, float]]:
     return [dict(n["Resources"]) for n in ray.nodes() if n.get("Alive")]
 
 
-def _ready(pg, what: str) -> None:
+def _ready(pg, what: str, timeout_s: float) -> None:
     import ray
 
     try:
-        ray.get(pg.ready(), timeout=PLACEMENT_TIMEOUT_S)
+        ray.get(pg.ready(), timeout=timeout_s)
     except ray.exceptions.GetTimeoutError:
         ray.util.remove_placement_group(pg)
         raise RuntimeError(
-            f"{what}: the placement group {pg.bundle_specs} was not placed within {PLACEMENT_TIMEOUT_S:g}s (the "
+            f"{what}: the placement group {pg.bundle_specs} was not placed within {timeout_s:g}s (the "
             "cluster has the resources in total but not on the nodes this layout needs, or other jobs hold them)"
         ) from None
 
 
-def learner_group(cfg: TrainConfig, name: str):
+def learner_group(cfg: TrainConfig, name: str, *, timeout_s: float = PLACEMENT_TIMEOUT_S):
     """One placement group with a bundle per learner rank (PACK: on as few nodes as the GPUs allow)."""
     from ray.util.placement_group import placement_group
 
     b = actor_bundle(cfg.learner.resources)
     pg = placement_group([dict(b) for _ in range(cfg.learner.world_size)], strategy="PACK", name=name)
-    _ready(pg, f"learner group ({cfg.learner.world_size} ranks of {_fmt(b)})")
+    _ready(pg, f"learner group ({cfg.learner.world_size} ranks of {_fmt(b)})", timeout_s)
     return pg
 
 
-def engine_strategy(res: ActorResources, vllm: VLLMOptions, name: str):
+def engine_strategy(res: ActorResources, vllm: VLLMOptions, name: str, *, timeout_s: float = PLACEMENT_TIMEOUT_S):
     """Scheduling for a vLLM engine actor: None (a plain actor) at tp 1; at tp > 1 a placement group with one bundle
     holding the engine's tp GPUs on one node, its child processes captured."""
     if vllm.tensor_parallel_size == 1:
@@ -127,7 +127,7 @@ def engine_strategy(res: ActorResources, vllm: VLLMOptions, name: str):
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     pg = placement_group([actor_bundle(res, vllm)], strategy="STRICT_PACK", name=name)
-    _ready(pg, f"{name} (tensor_parallel_size={vllm.tensor_parallel_size})")
+    _ready(pg, f"{name} (tensor_parallel_size={vllm.tensor_parallel_size})", timeout_s)
     return PlacementGroupSchedulingStrategy(
         pg, placement_group_bundle_index=0, placement_group_capture_child_tasks=True
     )

@@ -68,7 +68,9 @@ def test_sharded_learner_and_collective_push_end_to_end_with_a_killed_sampler_an
 ) -> None:
     from vzero.driver import train
 
-    full = tiny_config(tmp_path / "full", tiny_model, synth_data, *DISTRIBUTED, "checkpoint.every=1")
+    full = tiny_config(
+        tmp_path / "full", tiny_model, synth_data, *DISTRIBUTED, "checkpoint.every=1", "checkpoint.keep_last=3"
+    )
     logged = _run_killing(full, victim_index=1)
     out = Path(full.output_dir)
     assert [m["step"] for m in logged] == [1, 2, 3]
