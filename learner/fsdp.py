@@ -36,8 +36,8 @@ DCP_META = "dcp.json"
 
 
 def init_process_group(rank: int, world_size: int, master: tuple[str, int], device: torch.device, timeout_s: float):
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
+    if device.type == "cuda":  # Ray gives each rank one GPU: its cuda:0
+        torch.cuda.set_device(device.index or 0)
     host, port = master
     dist.init_process_group(
         "nccl" if device.type == "cuda" else "gloo",

@@ -19,6 +19,7 @@ the header, so a sender and receiver that disagree on the push fail loudly inste
 
 from __future__ import annotations
 
+import inspect
 import queue
 import socket
 import threading
@@ -69,6 +70,12 @@ def free_port(host: str) -> int:
         return int(s.getsockname()[1])
 
 
+def _supported(fn, **kwargs) -> dict:
+    """The keyword arguments `fn` accepts (the timeouts are newer than some vLLM releases' signatures)."""
+    params = inspect.signature(fn).parameters
+    return {k: v for k, v in kwargs.items() if k in params}
+
+
 class WeightGroup:
     """One rank's membership of a weight group. `broadcast` is collective: every rank must call it, in order."""
 
@@ -78,16 +85,18 @@ class WeightGroup:
             from vllm.distributed.device_communicators.pynccl import PyNcclCommunicator
             from vllm.distributed.utils import StatelessProcessGroup
 
-            store = StatelessProcessGroup.create(
-                spec.host, spec.port, rank, spec.world_size, store_timeout=int(spec.timeout_s)
-            )
+            extra = _supported(StatelessProcessGroup.create, store_timeout=int(spec.timeout_s))
+            store = StatelessProcessGroup.create(spec.host, spec.port, rank, spec.world_size, **extra)
             self._nccl = PyNcclCommunicator(store, device=self.device)
             self._pg = None
         elif spec.backend == "gloo":
             from vllm.distributed.utils import stateless_init_torch_distributed_process_group
 
+            extra = _supported(
+                stateless_init_torch_distributed_process_group, timeout=timedelta(seconds=spec.timeout_s)
+            )
             self._pg = stateless_init_torch_distributed_process_group(
-                spec.host, spec.port, rank, spec.world_size, "gloo", timeout=timedelta(seconds=spec.timeout_s)
+                spec.host, spec.port, rank, spec.world_size, "gloo", **extra
             )
             self._nccl = None
         else:
