@@ -3,9 +3,9 @@
 One weight group per sampler (vzero/weight_group.py: rank 0 = this learner, ranks 1..tp = the sampler engine's
 workers). A push is made once (`make_push`: the learner's weights, gathered and cast to the samplers' dtype, packed
 into buckets on the learner's device) and only its plan (names, dtypes, shapes, offsets) goes back through Ray; the
-buckets stay here until `send` broadcasts them into the groups of the samplers the driver names. The last few
-published versions are kept (a restarted sampler in async mode is brought back to its batch's version, which may
-be one behind), everything older is dropped.
+buckets stay here until `send` broadcasts them into the groups of the samplers the driver names, and until the
+driver says no push of that version can be sent again (`release(keep)`, the rule CUDA IPC buckets follow: a
+restarted sampler in async mode is brought back to its batch's version, which may be one behind).
 
 Protocol, as the driver runs it (vzero/pushes.py): `open_group(key, world)` returns a fresh `GroupSpec` (new port);
 the driver starts the sampler's join and `join_group(key)` here together (each blocks until every rank arrived);
@@ -16,6 +16,7 @@ for a push it first starts the samplers' receive calls, then `send(version, keys
 from __future__ import annotations
 
 import uuid
+from collections.abc import Collection
 
 import torch
 
@@ -29,13 +30,11 @@ class CollectiveSender:
         device: torch.device,
         *,
         timeout_s: float,
-        keep_versions: int = 1,
         bucket_bytes: int = DEFAULT_BUCKET_BYTES,
     ):
         self.device = torch.device(device)
         self.backend = "nccl" if self.device.type == "cuda" else "gloo"
         self.timeout_s = timeout_s
-        self.keep_versions = max(1, keep_versions)
         self.bucket_bytes = bucket_bytes
         self.groups: dict[str, WeightGroup] = {}
         self._pending: dict[str, GroupSpec] = {}
@@ -45,11 +44,13 @@ class CollectiveSender:
     @torch.no_grad()
     def make_push(self, named: list[tuple[str, torch.Tensor]], version: int) -> WeightPush:
         self._buckets[version] = pack_buckets(named, bucket_bytes=self.bucket_bytes, device=self.device)
-        for old in sorted(self._buckets)[: -self.keep_versions]:
-            del self._buckets[old]
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # packed before any communicator stream reads the buffers
         return WeightPush(version, plan=[BucketPlan(b.metas, b.nbytes) for b in self._buckets[version]])
+
+    def release(self, keep: Collection[int] = ()) -> None:
+        """Free the buckets of every version not in `keep` (the driver will never send those pushes again)."""
+        self._buckets = {v: b for v, b in self._buckets.items() if v in keep}
 
     def send(self, version: int, keys: list[str]) -> dict[str, str]:
         """Broadcast version `version` into the groups `keys`; returns {key: error} for groups that failed."""

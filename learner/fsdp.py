@@ -98,15 +98,6 @@ class DataParallel:
         return out
 
 
-def idle_backward(model: torch.nn.Module, batch, autocast) -> None:
-    """A pass that adds nothing to the gradients (zero loss) but runs every FSDP collective a real one runs."""
-    from vzero.logprobs import response_logprobs
-
-    with autocast:
-        res = response_logprobs(model, batch)
-    (res.logprobs.sum() * 0.0).backward()
-
-
 def grad_norm(value: torch.Tensor) -> float:
     """clip_grad_norm_ over sharded gradients returns a DTensor: the global norm, materialised."""
     full = value.full_tensor() if hasattr(value, "full_tensor") else value

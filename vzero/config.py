@@ -19,6 +19,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 EngineKind = Literal["auto", "vllm", "transformers"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
+# Seeds reach numpy (np.random.seed: < 2**32, non-negative) and vLLM engines as `seed + rank`: 31 bits fit all of them.
+MAX_SEED = 2**31 - 1
 
 
 class _Strict(BaseModel):
@@ -30,12 +32,27 @@ class _Strict(BaseModel):
 class BuildSpec(_Strict):
     """How to build a random-init model when `path` holds none (demos, tests, benchmarks)."""
 
-    arch: Literal["qwen2_vl", "qwen2_5_vl"] = "qwen2_vl"
-    """Real architecture to instantiate (Qwen2-VL or Qwen2.5-VL family)."""
-    preset: Literal["tiny", "small", "3b"] = "tiny"
-    """Size: `tiny` (CPU tests), `small` (toy experiments), `3b` (Qwen2.5-VL-3B shapes, GPU benchmarks)."""
-    seed: int = 0
+    arch: Literal["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5"] = "qwen2_vl"
+    """Real architecture to instantiate: the Qwen2-VL, Qwen2.5-VL, Qwen3-VL or Qwen3.5 family (the authors train
+    Qwen3.5; differences between families: vzero/models/families.py)."""
+    preset: Literal["tiny", "small", "3b", "4b"] = "tiny"
+    """Size: `tiny` (CPU tests), `small` (toy experiments), `3b` (Qwen2-VL-2B / Qwen2.5-VL-3B shapes) or `4b`
+    (Qwen3-VL-4B / Qwen3.5-4B shapes, the authors' student): GPU benchmarks."""
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     """Seed of the random init; the same seed gives the same weights."""
+
+
+class ChatOptions(_Strict):
+    """How prompts are rendered with the model's chat template (the same for sampling, teacher replay, the learner
+    (which trains on the sampler's prompt ids) and evaluation)."""
+
+    system_prompt: str | None = None
+    """System turn text; unset = no system turn (the authors: none; their `<answer>`-tag system prompt is off).
+    Templates may add their own default when there is none: Qwen2-VL / Qwen2.5-VL insert "You are a helpful
+    assistant.", Qwen3-VL / Qwen3.5 add nothing."""
+    enable_thinking: bool = False
+    """Let the model reason first (Qwen3.5: the generation prompt opens a `<think>` block). The authors: false (the
+    prompt then ends with an empty `<think>\n\n</think>\n\n`). Templates without thinking ignore it."""
 
 
 class ModelSource(_Strict):
@@ -53,6 +70,8 @@ class ModelSource(_Strict):
     """Lower bound on the image area fed to the vision tower (the processor upsamples smaller images)."""
     max_pixels: int = Field(448 * 448, gt=0)
     """Upper bound on the image area fed to the vision tower (pixel budget; larger images are downscaled)."""
+    chat: ChatOptions = ChatOptions()
+    """Chat-template options for prompts to this model."""
 
     @model_validator(mode="after")
     def _pixels_ordered(self) -> ModelSource:
@@ -94,6 +113,9 @@ class VLLMOptions(_Strict):
     """Run the engine core in the actor's process (VLLM_ENABLE_V1_MULTIPROCESSING=0): weights load by reference."""
     max_logprobs: int = Field(64, ge=0)
     """Largest top-k of log-probs an engine may return (teacher top-k for forward_kl_topk)."""
+    max_images_per_prompt: int = Field(1, ge=1)
+    """Most images one request may carry (vLLM `limit_mm_per_prompt`; its memory profile assumes this many at the
+    largest pixel budget). 2 for a teacher that sees the full image and the crop."""
 
 
 class DataSynth(_Strict):
@@ -101,7 +123,7 @@ class DataSynth(_Strict):
 
     n: int = Field(64, gt=0)
     """Number of rows."""
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     """Seed; the same seed gives the same file."""
     image_size: int = Field(336, ge=64)
     """Side of the square images in pixels."""
@@ -132,9 +154,11 @@ class RolloutConfig(_Strict):
     n: int = Field(8, ge=1)
     """Trajectories per prompt (the gate normalises within these groups)."""
     temperature: float = Field(1.0, gt=0)
-    """Sampling temperature (1.0 keeps sampler log-probs = policy log-probs)."""
+    """Sampling temperature (the authors use 1.0). At any other value the sampler's log-probs and the learner's
+    (PPO ratio, k1) are both those of the tempered distribution actually sampled; the teacher stays at 1."""
     top_p: float = Field(1.0, gt=0, le=1)
-    """Nucleus sampling mass."""
+    """Nucleus sampling mass. Only 1.0 is accepted: the learner does not re-apply the nucleus cut-off, so with top_p
+    < 1 the PPO ratio would compare against a distribution that did not produce the samples."""
     max_tokens: int = Field(2048, ge=1)
     """Longest response in tokens."""
     hf_batch_size: int = Field(16, ge=1)
@@ -168,7 +192,7 @@ class ViewConfig(_Strict):
     """Negative view: an equal-size irrelevant crop, or the positive crop with its detail destroyed."""
     downsample_factor: float = Field(2.0, gt=1)
     """Factor for `downsample_teacher_crop`."""
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     """Seed for the hard-negative crop location (per row: reproducible)."""
 
 
@@ -198,20 +222,41 @@ class GateConfig(_Strict):
 
 
 class LossConfig(_Strict):
-    """The gated distillation loss toward the positive-view teacher."""
+    """The gated distillation loss toward the positive-view teacher. Defaults are the authors' (their verl fork);
+    docs/method.md has the table of our choices vs theirs."""
 
     mode: Literal["k1_pg", "k3", "forward_kl_topk"] = "k1_pg"
-    """k1 with PPO-clip policy gradient (default), supervised k3, or forward KL over the teacher's top-k."""
+    """k1 with PPO-clip policy gradient (default; the authors'), supervised k3, or forward KL over the teacher's
+    top-k."""
     clip_low: float = Field(0.2, ge=0, lt=1)
-    """PPO ratio clip below 1 (ratio >= 1 - clip_low)."""
+    """PPO ratio clip below 1 (ratio >= 1 - clip_low). The authors: 0.2."""
     clip_high: float = Field(0.2, ge=0)
-    """PPO ratio clip above 1 (ratio <= 1 + clip_high)."""
+    """PPO ratio clip above 1 (ratio <= 1 + clip_high). The authors: 0.2."""
+    dual_clip_c: float | None = Field(None, gt=1)
+    """Dual-clip PPO for `k1_pg`: a token with a negative advantage loses at most c·|adv| however large its ratio
+    (verl's clip_ratio_c; 3 is the usual value). Unset = off, as the authors' launcher runs it."""
     kl_clamp: float = Field(10.0, gt=0)
-    """|k1| is clamped to this."""
+    """Clamp of the per-token signal: k1 to ±this, the k3 value and the top-k KL to at most this (those tokens then
+    send no gradient). The authors: 10."""
     logprob_min: float = Field(-10.0, lt=0)
-    """Log-probs are clamped at >= this before the loss."""
+    """Floor of both sides' log-probs in `forward_kl_topk` (the authors: -10, top-k only); also of lp_s and lp+ in
+    k1 / k3 when `floor_sampled_logprobs` is on."""
+    floor_sampled_logprobs: bool = False
+    """Also floor lp_s and lp+ at `logprob_min` before forming k1 / k3 (ours before #12; the authors: off, k1 taken
+    raw). With the floor, a token both models find less likely than e^-10 counts as agreement (k1 = 0) instead of a
+    full ±10 reward read from the far tail of two distributions."""
+    topk_renormalize: bool = False
+    """`forward_kl_topk`: renormalise the teacher's top-k into a distribution, no floor, no clamp (ours before #12;
+    the authors: off). A proper KL >= 0 that pushes up every top-k id, even those the student gives < e^-10, which
+    the authors' floor leaves without gradient; it ignores the mass the teacher puts outside its top-k."""
     teacher_topk: int = Field(64, ge=1)
     """k for `forward_kl_topk` (teacher prompt_logprobs=k)."""
+    old_logprobs: Literal["auto", "sampler", "recompute"] = "auto"
+    """Behaviour log-probs lp_old in the PPO ratio. `recompute`: the learner's own, before the step's first update
+    (the authors': the ratio is exactly 1 on the first mini-batch and carries no engine drift; costs a no-grad
+    forward over the later mini-batches). `sampler`: the rollout engine's, as sampled (the ratio then also corrects
+    for staleness and engine drift). `auto` = recompute in sync mode, sampler in async mode. `recompute` with
+    mode=async is refused: the samples come from an older policy and recomputing would drop that correction."""
 
 
 class LearnerConfig(_Strict):
@@ -219,18 +264,23 @@ class LearnerConfig(_Strict):
 
     lr: float = Field(1e-6, gt=0)
     """AdamW learning rate (the authors use 1e-6 for 4B students)."""
-    weight_decay: float = Field(0.0, ge=0)
-    """AdamW decoupled weight decay."""
+    weight_decay: float = Field(0.01, ge=0)
+    """AdamW decoupled weight decay (the authors: 0.01)."""
     betas: tuple[float, float] = (0.9, 0.999)
     """AdamW betas."""
     grad_clip: float = Field(1.0, gt=0)
-    """Max global grad norm."""
+    """Max global grad norm, per optimizer step (the authors: 1.0)."""
+    mini_batches_per_step: int = Field(2, ge=1)
+    """Optimizer steps per rollout batch (the authors: 2, i.e. 16 of 32 prompts each, ppo_epochs 1). The batch is
+    split into this many mini-batches of WHOLE prompt groups, in order (a pure function of the trajectories); each
+    is a token-mean over its own tokens and gets its own AdamW step, the later ones off-policy (where the PPO clip
+    acts). The policy version still advances once per rollout batch. Needs rollout.prompts_per_step >= this."""
     micro_batch_size: int = Field(8, ge=1)
-    """Trajectories per forward/backward; gradients accumulate over the step's micro-batches."""
+    """Trajectories per forward/backward; gradients accumulate over a mini-batch's micro-batches."""
     max_tokens_per_micro_batch: int | None = Field(None, ge=1)
     """Also cap a micro-batch at this many padded tokens (rows x longest sequence): long responses get smaller
     micro-batches instead of running out of memory. The loss is the same whatever the split (token-mean over the
-    step). Unset = no cap. (An out-of-memory error still halves the failing micro-batch and retries.)"""
+    mini-batch). Unset = no cap. (An out-of-memory error still halves the failing micro-batch and retries.)"""
     dtype: DType = "auto"
     """Autocast dtype for the forward: auto = bf16 on GPU, fp32 on CPU."""
     param_dtype: Literal["float32", "bfloat16"] = "float32"
@@ -243,7 +293,8 @@ class LearnerConfig(_Strict):
     freeze_vision: bool = False
     """Keep the vision tower fixed: it is not trained and not pushed to samplers."""
     weight_push_every: int = Field(1, ge=1)
-    """Push weights to samplers every k steps."""
+    """Push weights to samplers every k steps (and at every checkpoint). Async only: a batch may then lag k - 1
+    more versions, so `max_staleness` must be >= k (the in-flight depth shrinks to max_staleness - k + 1)."""
     weight_transport: Literal["auto", "object_store", "cuda_ipc", "collective"] = "auto"
     """How pushed weights reach the samplers. `auto` = CUDA IPC handles for a sampler on the learner's GPU and the
     collective for every other sampler (a mix in one run is fine); `collective` = a process group between learner
@@ -300,11 +351,14 @@ class LoggingConfig(_Strict):
     tensorboard: bool = True
     """Also write TensorBoard events under output_dir/tb."""
     progress_bar: bool = True
-    """Show a per-step progress bar on the console."""
+    """Print one progress line per step on the console (step, loss, gate weight, seconds)."""
     save_trajectories: bool = True
     """Keep every step's trajectories (ids, log-probs, teacher log-probs, weights) as Parquet."""
     ray_metrics: bool = True
     """Export metrics to the Ray dashboard / Prometheus via ray.util.metrics."""
+    verbose: bool = False
+    """Let vLLM, Ray, transformers and tqdm print their INFO lines and progress bars (off: warnings and errors only,
+    see vzero/console.py)."""
 
 
 class TrainConfig(_Strict):
@@ -314,12 +368,13 @@ class TrainConfig(_Strict):
     """Learner steps to run (in total, counting steps before a resume)."""
     output_dir: str = "runs/vzero"
     """Metrics, checkpoints, trajectories and quarantine go here."""
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     """Base seed: data order, sampling seeds per step and sampler, hard-negative crops, model init."""
     mode: Literal["sync", "async"] = "sync"
-    """`sync` = strictly on-policy; `async` = samplers work on step k+1 while the learner trains on step k."""
+    """`sync` = strictly on-policy (every batch sampled by the weights it is trained on: staleness 0); `async` =
+    samplers work on later steps while the learner trains, each batch at most `max_staleness` versions behind."""
     max_staleness: int = Field(1, ge=0)
-    """Async only: how many policy versions a batch may lag behind the learner."""
+    """Async only: how many policy versions a batch may lag behind the learner (a bound the driver enforces)."""
     data: DataConfig = DataConfig()
     student: ModelSource = ModelSource()
     teacher: TeacherConfig = TeacherConfig()
@@ -337,6 +392,43 @@ class TrainConfig(_Strict):
         problems = []
         if self.mode == "async" and self.max_staleness < 1:
             problems.append("mode=async needs max_staleness >= 1 (or use mode=sync)")
+        if self.mode == "async" and self.loss.old_logprobs == "recompute":
+            problems.append(
+                "loss.old_logprobs=recompute with mode=async would treat stale samples as on-policy (the PPO ratio "
+                "loses its staleness correction): use loss.old_logprobs=sampler or auto"
+            )
+        if self.learner.mini_batches_per_step > self.rollout.prompts_per_step:
+            problems.append(
+                f"learner.mini_batches_per_step ({self.learner.mini_batches_per_step}) must be <= "
+                f"rollout.prompts_per_step ({self.rollout.prompts_per_step}): each mini-batch holds whole prompt groups"
+            )
+        k = self.learner.weight_push_every
+        if self.mode == "sync" and k > 1:
+            problems.append(
+                f"mode=sync is strictly on-policy, but learner.weight_push_every={k} would train on batches sampled "
+                f"by weights up to {k - 1} step(s) old: use weight_push_every=1, or mode=async with "
+                f"max_staleness >= {k}"
+            )
+        if self.mode == "async" and k > self.max_staleness:
+            problems.append(
+                f"mode=async with learner.weight_push_every={k} needs max_staleness >= {k} (got "
+                f"{self.max_staleness}): a batch lags up to (steps in flight) + {k - 1} versions, and at least one "
+                "step must be in flight; raise max_staleness or lower weight_push_every"
+            )
+        if self.rollout.top_p < 1:
+            problems.append(
+                f"rollout.top_p={self.rollout.top_p:g} is refused: the learner does not apply the nucleus cut-off, "
+                "so the PPO ratio would compare against a distribution that did not produce the samples (use 1.0)"
+            )
+        if (
+            self.loss.mode == "forward_kl_topk"
+            and self.teacher.engine != "transformers"
+            and self.loss.teacher_topk > self.teacher.vllm.max_logprobs
+        ):
+            problems.append(
+                f"loss.teacher_topk ({self.loss.teacher_topk}) must be <= teacher.vllm.max_logprobs "
+                f"({self.teacher.vllm.max_logprobs}): a vLLM teacher returns at most that many log-probs per token"
+            )
         for name, res, v in (
             ("rollout", self.rollout.resources, self.rollout.vllm),
             ("teacher", self.teacher.resources, self.teacher.vllm),

@@ -32,6 +32,7 @@ from ray.exceptions import ActorDiedError
 from vzero.cluster import ACTOR_ERRORS, call_with_retry
 from vzero.config import TrainConfig
 from vzero.engines import vllm_available
+from vzero.loop_state import pushes_to_keep
 
 log = logging.getLogger("vzero")
 
@@ -78,17 +79,34 @@ class WeightPusher:
     # -- publishing ---------------------------------------------------------------------------------------------------
     def publish(self, version: int) -> None:
         """Make the learner's current weights pushable, once per transport in use (collective: gathered and kept on
-        the learner; object store: one put)."""
+        the learner; object store: one put; CUDA IPC: buckets kept on the learner's GPU)."""
         self.refs[version] = {t: self.learner.state_for_push.remote(t) for t in dict.fromkeys(self.transports)}
-        keep = version - self.cfg.max_staleness - 1  # async may need an older version again (a restarted sampler)
-        self.refs = {v: r for v, r in self.refs.items() if v >= keep}
+
+    def prune(self, inflight: list[Any], pushed_version: int) -> None:
+        """Keep exactly the pushes a retry may still send (vzero/loop_state.py); the learner frees the others'
+        buckets. Collective pushes are held on the learner like CUDA IPC ones, so they follow the same rule (sync:
+        none kept between pushes; a restarted sampler's push is published again, the learner idle at that version)."""
+        held = "object_store" if "object_store" in self.transports else "cuda_ipc"
+        keep = pushes_to_keep(inflight, pushed_version, mode=self.cfg.mode, transport=held)
+        self.refs = {v: r for v, r in self.refs.items() if v in keep}
+        self.learner.release_push.remote(sorted(keep))
+
+    def _ref(self, version: int, transport: str) -> Any:
+        """A push of `version` that is valid now (never one whose buckets the learner freed)."""
+        ref = self.refs.get(version, {}).get(transport)
+        if ref is not None:
+            return ref
+        current = ray.get(self.learner.policy_version.remote())
+        if current != version:
+            raise RuntimeError(f"no push of policy version {version} is kept and the learner is at {current}")
+        self.publish(version)
+        return self.refs[version][transport]
 
     # -- pushing ------------------------------------------------------------------------------------------------------
     def push_all(self, version: int) -> dict[str, float]:
         t0 = time.perf_counter()
         results = self.push(list(range(len(self.samplers))), version)
         seconds = time.perf_counter() - t0
-        self.learner.release_push.remote()  # every sampler has loaded it: IPC buckets may go
         nbytes = max((r.get("bytes", 0.0) for r in results), default=0.0)
         n = max(1, len(self.transports))
         return {
@@ -106,7 +124,7 @@ class WeightPusher:
         direct = [i for i in indices if self.transports[i] != "collective"]
         collective = [i for i in indices if self.transports[i] == "collective"]
         submit: Callable[[], list[Any]] = lambda: [  # noqa: E731 - resubmitted as a whole after a restart
-            self.samplers[i].update_weights.remote(self.refs[version][self.transports[i]], version) for i in direct
+            self.samplers[i].update_weights.remote(self._ref(version, self.transports[i]), version) for i in direct
         ]
         first = submit() if direct else None
         out: dict[int, dict[str, float]] = {}
@@ -162,7 +180,7 @@ class WeightPusher:
         todo = [i for i in alive if i not in out]
         if not todo:
             return out, died
-        push = self.refs[version]["collective"]
+        push = self._ref(version, "collective")
         recv = {i: self.samplers[i].receive_weights.remote(push, version) for i in todo}  # 3. receivers first
         send = self.learner.send_weights.remote(version, [group_key(i) for i in todo])
         names = {r: group_key(i) for i, r in recv.items()}
