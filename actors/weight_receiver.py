@@ -36,7 +36,7 @@ def receive(push: WeightPush, device: str) -> Iterator[tuple[str, torch.Tensor]]
         if ipc.device_uuid != here:
             raise RuntimeError(
                 f"CUDA IPC weight push from GPU {ipc.device_uuid} cannot be opened on {here or 'a CPU actor'}; "
-                "set learner.weight_transport=auto (or collective) for samplers that do not share the learner's GPU"
+                "set learner.weight_transport=object_store for layouts where learner and samplers do not share a GPU"
             )
         rebuild, args = ipc.handle
         args = list(args)
