@@ -142,6 +142,8 @@ class Learner:
             return [res.logprobs[i, : t.num_tokens].float().tolist() for i, t in enumerate(trajectories)]
         finally:
             self.model.train()
+            if self.dp is not None:
+                fsdp.reshard(self.model)
 
     # -- training -----------------------------------------------------------------------------------------------
     def _forward(self, batch, *, return_logits: bool = False):
@@ -294,6 +296,8 @@ class Learner:
                 old.update({_key(t): lp[i, : t.num_tokens].float().cpu() for i, t in enumerate(micro)})
         finally:
             self.model.train()
+            if self.dp is not None:
+                fsdp.reshard(self.model)
         return old
 
     def _mini_batch_backward(self, mini: list[Trajectory], images, plan: _Pass) -> dict[str, float]:
