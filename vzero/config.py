@@ -89,6 +89,9 @@ class ActorResources(_Strict):
     """GPUs per actor: 0 = CPU, a fraction to colocate on one GPU, an integer for whole GPUs."""
     max_restarts: int = Field(2, ge=-1)
     """How many times Ray restarts the actor after it dies (-1 = forever); the driver then retries its work."""
+    custom: dict[str, float] = {}
+    """Custom Ray resources per actor, e.g. `{vzero_learner: 1}`: pins a role to the nodes (KubeRay worker group)
+    that advertise them (`rayStartParams: {resources: ...}`). Empty = any node with room."""
 
 
 class VLLMOptions(_Strict):
@@ -292,9 +295,29 @@ class LearnerConfig(_Strict):
     weight_push_every: int = Field(1, ge=1)
     """Push weights to samplers every k steps (and at every checkpoint). Async only: a batch may then lag k - 1
     more versions, so `max_staleness` must be >= k (the in-flight depth shrinks to max_staleness - k + 1)."""
-    weight_transport: Literal["auto", "object_store", "cuda_ipc"] = "auto"
-    """`auto` = CUDA IPC handles when learner and sampler share a GPU, else one object-store put with many gets."""
+    weight_transport: Literal["auto", "object_store", "cuda_ipc", "collective"] = "auto"
+    """How pushed weights reach the samplers. `auto` = CUDA IPC handles for a sampler on the learner's GPU and the
+    collective for every other sampler (a mix in one run is fine); `collective` = a process group between learner
+    rank 0 and each sampler's workers (NCCL on GPU, gloo on CPU; only metadata travels through Ray);
+    `object_store` = one put into Ray's object store, one get per sampler (slowest on GPU: 58 s for 7 GB)."""
+    weight_push_timeout_s: float = Field(300.0, gt=0)
+    """A push (or a weight-group rendezvous) that has not completed after this many seconds fails with an error
+    naming the sampler (a dead or hung peer never blocks the run forever)."""
+    world_size: int = Field(1, ge=1)
+    """Learner ranks: 1 = one process (no sharding); N > 1 = N ranks (one GPU each, or CPU processes) in one Ray
+    placement group training with FSDP2, each on its share of the step; `resources` is per rank."""
     resources: ActorResources = ActorResources()
+    """Per learner rank."""
+
+    @model_validator(mode="after")
+    def _ranks_get_whole_gpus(self) -> LearnerConfig:
+        g = self.resources.num_gpus
+        if self.world_size > 1 and 0 < g < 1:
+            raise ValueError(
+                f"learner.world_size={self.world_size} needs whole GPUs per rank (learner.resources.num_gpus >= 1, "
+                f"or 0 for CPU ranks; got {g:g}): NCCL refuses two ranks on one GPU"
+            )
+        return self
 
 
 class RayConfig(_Strict):
