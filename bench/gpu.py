@@ -106,18 +106,19 @@ def _config(a: argparse.Namespace, model: Path, data: Path, out: Path, cuda: boo
 class RawVLLM:
     """Plain vLLM in an actor with the sampler's resources: the ceiling the project's actors are compared to."""
 
-    def __init__(self, model: str, cfg_json: str):
+    def __init__(self, model: str, cfg_json: str, role: str = "rollout"):
         from vzero.config import TrainConfig
         from vzero.engines.vllm import VLLMEngine
 
         cfg = TrainConfig.model_validate_json(cfg_json)
         device = "cuda" if cfg.rollout.resources.num_gpus > 0 else "cpu"
+        source = cfg.teacher_model if role == "teacher" else cfg.student  # the teacher's engine options and budget
         self.engine = VLLMEngine(
             model,
             device=device,
-            options=cfg.rollout.vllm,
-            min_pixels=cfg.student.min_pixels,
-            max_pixels=cfg.student.max_pixels,
+            options=getattr(cfg, role).vllm,
+            min_pixels=source.min_pixels,
+            max_pixels=source.max_pixels,
             worker_extension="actors.weight_receiver.WeightReceiverExtension",
         )
         self.llm = self.engine.llm
@@ -310,27 +311,21 @@ def run(a: argparse.Namespace) -> dict:
             ray.kill(learner)
         ray.kill(sampler)
     if "teacher" in a.stages and gated is not None:
+        from gating.teacher import teacher_inputs
         from vzero.models.loading import load_processor
-        from vzero.views import views_for
-        from vzero.vlm_inputs import chat_prompt_ids
 
         tok = load_processor(model).tokenizer
-        views = {
-            p.uid: views_for(
-                p, mode=cfg.views.negative_mode, margin=cfg.views.margin, max_pixels=cfg.student.max_pixels, seed=0
-            )
-            for p in prompts
-        }
+        inputs = {p.uid: teacher_inputs(p, cfg, tok) for p in prompts}  # the gating actor's own prompts and views
         reqs = [
             {
-                "prompt_ids": chat_prompt_ids(tok, by_uid[t.uid].question),
+                "prompt_ids": inputs[t.uid].prompt_ids,
                 "response_ids": t.response_ids,
-                "image": views[t.uid][k],
+                "image": (inputs[t.uid].pos, inputs[t.uid].neg)[k],
             }
             for k in (0, 1)
             for t in gated
         ]
-        raw = actor(RawVLLM, cfg.teacher.resources, str(model), cfg_json)
+        raw = actor(RawVLLM, cfg.teacher.resources, str(model), cfg_json, "teacher")
         S["teacher"]["raw_vllm_prompt_logprobs"] = ray.get(raw.prompt_logprobs.remote(reqs))
         ray.kill(raw)
         S["teacher"]["teacher_vs_rollout"] = (
