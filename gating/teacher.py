@@ -95,8 +95,14 @@ class Gating:
         cfg = self.cfg
         t0 = time.perf_counter()
         inputs: dict[str, TeacherInputs] = {}
+        limit = cfg.teacher.vllm.max_images_per_prompt if self.engine.name == "vllm" else None
         for uid in dict.fromkeys(t.uid for t in trajectories):
             inputs[uid] = teacher_inputs(prompts[uid], cfg, self.tokenizer)
+            if limit is not None and len(inputs[uid].pos) > limit:  # say which row and which field, up front
+                raise ValueError(
+                    f"prompt {uid!r}: its teacher prompt shows {len(inputs[uid].pos)} images (the full image and its "
+                    f"crops) but teacher.vllm.max_images_per_prompt is {limit}: raise it to the most any row needs"
+                )
         t_views = time.perf_counter() - t0
 
         topk = cfg.loss.teacher_topk if cfg.loss.mode == "forward_kl_topk" else 0

@@ -7,7 +7,8 @@ Invariants:
 - `crop`: they equal a forward on [the crop] alone, and differ from `full_and_crop`'s (the full image reaches the
   teacher);
 - a row with its own template and three crops (what `import-vzero` makes of the authors' rows) is replayed with its
-  wording verbatim and [full, crop 1, crop 2, crop 3] / [full, negative 1, negative 2, negative 3].
+  wording verbatim and [full, crop 1, crop 2, crop 3] / [full, negative 1, negative 2, negative 3];
+- a row needing more images than the vLLM engine takes is named, with the field to raise.
 """
 
 from __future__ import annotations
@@ -151,3 +152,16 @@ def test_a_rows_own_template_and_three_crops_are_replayed_as_written(gating, ref
         torch.tensor(t.lp_neg), reference(parts, [full, *shown_negs], t.response_ids, cfg), atol=atol, rtol=0
     )
     assert t.negative_mode == "precomputed"
+
+
+def test_a_row_needing_more_images_than_the_vllm_limit_is_named(gating) -> None:
+    g, _, prompts = gating
+    crops = tuple(encoded(noise_image(24, 18, seed=s)) for s in range(4))  # full image + 4 crops = 5 > 4
+    row = Prompt(**{**prompts[0].__dict__, "teacher_prompt": "<image>" + "<crop>" * 4 + "?", "pos_images": crops})
+    trajectories = _trajectories(g, [row])
+    if g.engine.name == "vllm":
+        with pytest.raises(ValueError, match=rf"prompt {row.uid!r}: .* 5 images .* max_images_per_prompt is 4"):
+            g.gate(trajectories, {row.uid: row})
+    else:  # the transformers engine has no such limit
+        gated, _ = g.gate(trajectories, {row.uid: row})
+        assert all(len(t.lp_pos) == t.num_tokens for t in gated)
