@@ -160,7 +160,7 @@ def test_a_row_needing_more_images_than_the_vllm_limit_is_named(gating) -> None:
     row = Prompt(**{**prompts[0].__dict__, "teacher_prompt": "<image>" + "<crop>" * 4 + "?", "pos_images": crops})
     trajectories = _trajectories(g, [row])
     if g.engine.name == "vllm":
-        with pytest.raises(ValueError, match=rf"prompt {row.uid!r}: .* 5 images .* max_images_per_prompt is 4"):
+        with pytest.raises(ValueError, match=rf"prompt {row.uid!r}: .* 5 images .*max_images_per_prompt is 4"):
             g.gate(trajectories, {row.uid: row})
     else:  # the transformers engine has no such limit
         gated, _ = g.gate(trajectories, {row.uid: row})

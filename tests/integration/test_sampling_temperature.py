@@ -61,6 +61,7 @@ def test_sampler_and_learner_logprobs_are_those_of_the_tempered_distribution(
         f"rollout.temperature={TEMPERATURE}",
         "rollout.n=3",
         "rollout.max_tokens=8",
+        "learner.mini_batches_per_step=1",  # one update on the whole batch: a later mini-batch is off-policy by design
     )
     prompts = PromptStream(cfg.data.path, seed=0).next_batch(2)
     by_uid = {p.uid: p for p in prompts}
