@@ -187,6 +187,19 @@ def test_the_multi_gpu_layout_pins_every_role_to_its_pod_and_pushes_over_the_col
         assert env.get("NCCL_SOCKET_IFNAME"), "NCCL needs the pod network interface named"
 
 
+def test_the_8_gpu_manifest_runs_the_papers_setup_and_the_qwen2_5_layout_fits_the_same_pods() -> None:
+    """rayjob-8gpu.yaml's entrypoint is the paper config (Qwen3.5-4B / 27B); the Qwen2.5-VL 8-GPU config asks for the
+    same bundles, so a user switching `--config` gets the same placement (no idle or missing GPU)."""
+    path, _ = config_path("rayjob-8gpu.yaml")
+    assert path.name == "vzero-paper-qwen3_5.yaml"
+    other = load_config(REPO / "configs/qwen2_5-vl-3b-32b-8gpu.yaml")
+    check_layout(other, pod_resources("rayjob-8gpu.yaml"))
+    assert requested_resources(other) == requested_resources(workload_config("rayjob-8gpu.yaml"))
+    assert sorted(b.resources.items() for b in bundles(other)) == sorted(
+        b.resources.items() for b in bundles(workload_config("rayjob-8gpu.yaml"))
+    )
+
+
 def test_the_4_gpu_config_pushes_weights_over_the_collective() -> None:
     cfg = load_config(REPO / "configs/qwen2_5-vl-3b-7b-gpu.yaml")
     assert cfg.learner.weight_transport == "collective"

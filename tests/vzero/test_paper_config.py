@@ -49,6 +49,7 @@ AUTHORS: dict[str, Any] = {  # dotted field -> the authors' value
     "views.negative_mode": "hard_negative_crop",
     "views.downsample_factor": 2.0,
     "checkpoint.every": 10,
+    "learner.world_size": 4,  # theirs: FSDP over NGPUS_PER_NODE=4
     "mode": "sync",
 }
 for model in ("student", "teacher.model"):
