@@ -4,8 +4,9 @@ A sampler or gating actor that dies is restarted by Ray and its work redone (vze
 Two failures no retry repairs; `stopped_error` turns them into what `vzero train` reports without a traceback:
 - a full disk (vzero/run_dir.py `disk_full`): a `UserError` (exit status 2) naming the path, the free space and the
   intact checkpoint;
-- the learner's death: its trained weights exist only in the last checkpoint (a restarted learner would be back at
-  the initial weights, so it is spawned with `max_restarts=0`): a `RunStopped` (exit status 3).
+- the learner's death (any rank of a learner group): its trained weights exist only in the last checkpoint (a
+  restarted learner would be back at the initial weights, so it is spawned with `max_restarts=0`): a `RunStopped`
+  (exit status 3).
 Both say to rerun with `--resume`, which continues from the last complete checkpoint. `reported(run)` wraps the
 driver's loop: it raises those errors in place of the originals and closes the run's files either way, without
 letting a second error (the same full disk) hide the first. Reads a few attributes of the run, never drives it.
@@ -27,9 +28,8 @@ log = logging.getLogger("vzero")
 
 
 def actor_ids(handle: Any) -> set[str]:
-    """The Ray actor ids behind a role: one actor handle, or a group that lists its ranks' ids as `actor_ids`."""
-    ids = getattr(handle, "actor_ids", None)
-    return set(ids) if ids is not None else {handle._actor_id.hex()}
+    """The Ray actor ids behind a role: one actor handle, or a learner.group.LearnerGroup (its FSDP `ranks`)."""
+    return {h._actor_id.hex() for h in getattr(handle, "ranks", None) or [handle]}
 
 
 def died(exc: BaseException, handle: Any) -> bool:
