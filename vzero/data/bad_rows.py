@@ -58,6 +58,10 @@ def _huge_png_header(width: int, height: int) -> bytes:
     return bytes(data)
 
 
+def _crop(rng: np.random.Generator) -> bytes:
+    return encode_png(_image(rng, 16))
+
+
 def _bmp(rng: np.random.Generator) -> bytes:
     buf = io.BytesIO()
     _image(rng, 16).save(buf, format="BMP")
@@ -95,12 +99,17 @@ KINDS: dict[str, Callable[[dict[str, Any], np.random.Generator, int], None]] = {
     "image_undecodable": _set(image=_GARBAGE),
     "image_unsupported_format": lambda row, rng, k: row.update(image=_bmp(rng)),
     "image_too_large": _set(image=_TOO_LARGE),
-    "image_undecodable:pos_image": _set(pos_image=_GARBAGE),
-    "image_unsupported_format:pos_image": lambda row, rng, k: row.update(pos_image=_bmp(rng)),
-    "image_too_large:pos_image": _set(pos_image=_TOO_LARGE),
-    "image_undecodable:neg_image": _set(neg_image=_GARBAGE),
-    "image_unsupported_format:neg_image": lambda row, rng, k: row.update(neg_image=_bmp(rng)),
-    "image_too_large:neg_image": _set(neg_image=_TOO_LARGE),
+    # precomputed crops (lists; no template means one crop, so one item fits and two do not)
+    "teacher_prompt_no_crop": _set(teacher_prompt="Look at <image>: what is in the box?"),
+    "teacher_prompt_images": _set(teacher_prompt="<image> and <image>, then <crop>"),
+    "crop_count:pos_images": lambda row, rng, k: row.update(pos_images=[_crop(rng), _crop(rng)]),
+    "crop_count:neg_images": lambda row, rng, k: row.update(neg_images=[_crop(rng), _crop(rng)]),
+    "image_undecodable:pos_images": _set(pos_images=[_GARBAGE]),
+    "image_unsupported_format:pos_images": lambda row, rng, k: row.update(pos_images=[_bmp(rng)]),
+    "image_too_large:pos_images": _set(pos_images=[_TOO_LARGE]),
+    "image_undecodable:neg_images": _set(neg_images=[_GARBAGE]),
+    "image_unsupported_format:neg_images": lambda row, rng, k: row.update(neg_images=[_bmp(rng)]),
+    "image_too_large:neg_images": _set(neg_images=[_TOO_LARGE]),
     "duplicate_id": lambda row, rng, k: None,  # the id is set by `write_bad_rows_file` (an earlier good row's)
 }
 
