@@ -53,7 +53,7 @@ class WeightPusher:
         on_fault: Callable[[], None] | None = None,
     ):
         self.cfg = cfg
-        self.on_fault = on_fault  # called once per sampler death a direct push recovered from (the driver counts)
+        self.on_fault = on_fault  # called once per sampler death a push recovered from (the driver counts)
         self.learner = learner
         self.samplers = samplers
         self.timeout_s = cfg.learner.weight_push_timeout_s
@@ -158,6 +158,9 @@ class WeightPusher:
             if not died:
                 break
             attempt += 1
+            for _ in died:  # each death once (the driver's faults/recovered), as for direct pushes
+                if self.on_fault is not None:
+                    self.on_fault()
             names = ", ".join(group_key(i) for i in died)
             if time.monotonic() - start > self.restart_deadline_s:
                 raise RuntimeError(
