@@ -18,7 +18,7 @@ import torch
 from gating.gate import evidence_weights
 from vzero.batching import length_mask, pad_ragged
 from vzero.config import TrainConfig
-from vzero.engines import ScoreRequest, create_engine
+from vzero.engines import ScoreRequest, create_engine, resolve_teacher_scoring
 from vzero.records import Prompt, Trajectory
 from vzero.runtime import actor_device, setup_threads
 from vzero.views import views_for
@@ -31,13 +31,15 @@ class Gating:
         self.rank = rank
         setup_threads(cfg.teacher.resources)
         self.device = actor_device(cfg.teacher.resources)
+        engine, self.scoring = resolve_teacher_scoring(cfg.teacher.scoring, cfg.teacher.engine, cfg.teacher_model.path)
         self.engine = create_engine(
-            cfg.teacher.engine,
+            engine,
             cfg.teacher_model,
             device=self.device,
             vllm=cfg.teacher.vllm,
             seed=cfg.seed,
             batch_size=cfg.teacher.micro_batch_size,
+            scoring=self.scoring,
         )
         self.tokenizer = self.engine.tokenizer
 
@@ -114,4 +116,4 @@ class Gating:
 
     def ready(self) -> str:
         """Returns once __init__ finished (the driver waits on it); names the engine."""
-        return f"gating-{self.rank}: {self.engine.name} on {self.device}"
+        return f"gating-{self.rank}: {self.engine.name} ({self.scoring} scoring) on {self.device}"

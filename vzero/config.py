@@ -151,9 +151,24 @@ class TeacherConfig(_Strict):
     num_actors: int = Field(1, ge=1)
     """Gating actors; trajectories of one prompt always go to the same actor (shared view encodings)."""
     micro_batch_size: int = Field(16, ge=1)
-    """Trajectories per teacher forward (transformers engine)."""
+    """Trajectories per teacher forward (transformers engine; with shared_prefix, whole groups per forward)."""
+    scoring: Literal["auto", "per_request", "shared_prefix"] = "auto"
+    """How the replays are computed. `per_request`: each (trajectory, view) is its own request to `engine` (vLLM's
+    prompt_logprobs, which recompute the image and question 2n times per prompt; the authors' way). `shared_prefix`:
+    the transformers engine computes each (prompt, view) prefix (vision tower + key/value) once and scores its n
+    responses against it (vzero/shared_prefix.py); `engine` must then not be `vllm`. `auto`: shared_prefix where the
+    teacher's family supports it and `engine` is not `vllm`, else per_request (measured: bench/shared_prefix.py)."""
     resources: ActorResources = ActorResources()
     vllm: VLLMOptions = VLLMOptions()
+
+    @model_validator(mode="after")
+    def _scoring_engine(self) -> TeacherConfig:
+        if self.scoring == "shared_prefix" and self.engine == "vllm":
+            raise ValueError(
+                "teacher.scoring=shared_prefix runs on the transformers engine: set teacher.engine to auto or "
+                "transformers, or teacher.scoring to per_request / auto to keep vLLM"
+            )
+        return self
 
 
 class ViewConfig(_Strict):

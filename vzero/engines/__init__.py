@@ -20,6 +20,7 @@ __all__ = [
     "ScoreResult",
     "create_engine",
     "resolve_engine_kind",
+    "resolve_teacher_scoring",
     "vllm_available",
 ]
 
@@ -42,6 +43,19 @@ def resolve_engine_kind(kind: EngineKind) -> str:
     return kind
 
 
+def resolve_teacher_scoring(scoring: str, engine: EngineKind, model_path: str) -> tuple[str, str]:
+    """(engine kind, scoring) of a teacher: `auto` = the transformers engine's shared-prefix scoring where the model
+    supports it and vLLM was not asked for explicitly, else per-request scoring on `engine` (see TeacherConfig)."""
+    if scoring == "shared_prefix":
+        return "transformers", "shared_prefix"
+    if scoring == "auto" and engine != "vllm":
+        from vzero.shared_prefix import supports_shared_prefix
+
+        if supports_shared_prefix(model_path):
+            return "transformers", "shared_prefix"
+    return resolve_engine_kind(engine), "per_request"
+
+
 def create_engine(
     kind: EngineKind,
     model: ModelSource,
@@ -51,11 +65,13 @@ def create_engine(
     seed: int = 0,
     batch_size: int = 16,
     worker_extension: str | None = None,
+    scoring: str = "per_request",
 ) -> Engine:
     """Build the engine for `model` on `device` ("cpu" or "cuda").
 
     `worker_extension` names the vLLM worker-extension class that receives weight pushes (samplers pass theirs;
-    the core does not know the receiver's home)."""
+    the core does not know the receiver's home). `scoring="shared_prefix"` (transformers engine only) scores requests
+    that share a prompt and image object against one prefix forward (`vzero.shared_prefix`)."""
     resolved = resolve_engine_kind(kind)
     common = dict(dtype=model.dtype, min_pixels=model.min_pixels, max_pixels=model.max_pixels)
     if resolved == "vllm":
@@ -73,5 +89,10 @@ def create_engine(
     from vzero.engines.hf import HFEngine
 
     return HFEngine(
-        model.path, device=device, batch_size=batch_size, trust_remote_code=model.trust_remote_code, **common
+        model.path,
+        device=device,
+        batch_size=batch_size,
+        trust_remote_code=model.trust_remote_code,
+        scoring=scoring,
+        **common,
     )

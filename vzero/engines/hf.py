@@ -4,6 +4,8 @@ The fallback wherever vLLM is not importable (and the reference the vLLM engine 
 log-probs come from the raw logits `generate` returns (`output_logits=True`), i.e. before temperature / top-p, as
 vLLM's default `raw_logprobs` does. Vision placeholder tokens are suppressed while sampling: a sampled
 `<|image_pad|>` would make the response unreplayable (the model would look for an image that is not there).
+Scoring is per request (one row per request, the reference) or `shared_prefix`: requests with the same prompt and
+image object are scored against one prefix forward (`vzero.shared_prefix`), where the model supports it.
 """
 
 from __future__ import annotations
@@ -23,6 +25,14 @@ from vzero.engines.base import (
 )
 from vzero.logprobs import response_logprobs
 from vzero.models.loading import load_model, load_processor
+from vzero.shared_prefix import (
+    Route,
+    collate_shared,
+    group_chunks,
+    group_index,
+    shared_prefix_logprobs,
+    supports_shared_prefix,
+)
 from vzero.vlm_inputs import ImageEncoder, collate
 
 
@@ -39,6 +49,8 @@ class HFEngine(Engine):
         max_pixels: int,
         batch_size: int = 16,
         trust_remote_code: bool = False,
+        scoring: str = "per_request",
+        route: Route = "cache",
     ):
         self.device = torch.device(device)
         self.processor = load_processor(path, trust_remote_code=trust_remote_code)
@@ -46,6 +58,9 @@ class HFEngine(Engine):
         self.tokenizer = self.processor.tokenizer
         self.encoder = ImageEncoder(self.processor.image_processor, min_pixels=min_pixels, max_pixels=max_pixels)
         self.batch_size = batch_size
+        # Linear-attention families (recurrent state) are scored per request: see vzero.shared_prefix.
+        self.shared_prefix = scoring == "shared_prefix" and supports_shared_prefix(self.model)
+        self.route = route
         self.image_pad_id = self.tokenizer.convert_tokens_to_ids("<|image_pad|>")
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         gen_eos = self.model.generation_config.eos_token_id
@@ -109,29 +124,35 @@ class HFEngine(Engine):
     # -- scoring ----------------------------------------------------------------------------------------------
     @torch.no_grad()
     def score(self, requests: list[ScoreRequest]) -> list[ScoreResult]:
-        results: list[ScoreResult] = []
         encoded: dict[int, object] = {}  # the n trajectories of a prompt share one image object: encode it once
-        for start in range(0, len(requests), self.batch_size):
-            chunk = requests[start : start + self.batch_size]
-            rows = []
-            for r in chunk:
-                enc = encoded.get(id(r.image))
-                if enc is None:
-                    enc = encoded[id(r.image)] = self.encoder(r.image)
-                rows.append((r.prompt_ids, enc, r.response_ids))
-            batch = collate(rows, pad_id=self.pad_id, image_pad_id=self.image_pad_id).to(self.device)
-            topk = max(r.topk for r in chunk)
-            res = response_logprobs(self.model, batch, topk=topk)
-            for i, r in enumerate(chunk):
-                T, k = len(r.response_ids), r.topk
-                results.append(
-                    ScoreResult(
-                        logprobs=res.logprobs[i, :T].float().tolist(),
-                        topk_ids=res.topk_ids[i, :T, :k].tolist() if k else None,
-                        topk_logprobs=res.topk_logprobs[i, :T, :k].float().tolist() if k else None,
-                    )
+        rows = []
+        for r in requests:
+            enc = encoded.get(id(r.image))
+            if enc is None:
+                enc = encoded[id(r.image)] = self.encoder(r.image)
+            rows.append((r.prompt_ids, enc, r.response_ids))
+        if self.shared_prefix:  # whole groups per forward, so each prefix is computed once
+            chunks = group_chunks(group_index(rows), self.batch_size)
+        else:
+            chunks = [list(range(s, min(s + self.batch_size, len(rows)))) for s in range(0, len(rows), self.batch_size)]
+        results: list[ScoreResult | None] = [None] * len(requests)
+        for chunk in chunks:
+            sub = [rows[i] for i in chunk]
+            topk = max(requests[i].topk for i in chunk)
+            if self.shared_prefix:
+                batch = collate_shared(sub, pad_id=self.pad_id, image_pad_id=self.image_pad_id).to(self.device)
+                res = shared_prefix_logprobs(self.model, batch, route=self.route, topk=topk)
+            else:
+                batch = collate(sub, pad_id=self.pad_id, image_pad_id=self.image_pad_id).to(self.device)
+                res = response_logprobs(self.model, batch, topk=topk)
+            for j, i in enumerate(chunk):
+                T, k = len(requests[i].response_ids), requests[i].topk
+                results[i] = ScoreResult(
+                    logprobs=res.logprobs[j, :T].float().tolist(),
+                    topk_ids=res.topk_ids[j, :T, :k].tolist() if k else None,
+                    topk_logprobs=res.topk_logprobs[j, :T, :k].float().tolist() if k else None,
                 )
-        return results
+        return results  # type: ignore[return-value]
 
     # -- weights ----------------------------------------------------------------------------------------------
     @torch.no_grad()

@@ -1,0 +1,317 @@
+"""Shared-prefix teacher replay and learner step vs the unshared paths, on the same requests, in one run -> JSON.
+
+    python -m bench.shared_prefix --out bench/results/shared-prefix-cpu.json           # CPU, small preset
+    python -m bench.shared_prefix --device cuda --preset 3b --out /tmp/shared-prefix-gpu.json   # one GPU
+
+Requests have the proportions of a V-Zero step: `--prompts` prompts, each with a positive and a negative teacher view
+of `--image-tokens` image tokens (square noise images of side 28·√tokens), n responses each of uniform random
+length in [max_tokens/4, max_tokens] (random ids from the tokenizer's ordinary tokens).
+
+Teacher rows (scored response tokens/s, both views): raw vLLM `prompt_logprobs=0, max_tokens=1` (what the vLLM
+engine does; prompt log-probs are computed without prefix caching), the transformers engine per request, and its
+shared-prefix scoring (routes `cache` and `packed`). Learner rows (seconds per step: micro-batches of n rows =
+one group, forward + k1_pg loss + backward, then AdamW): unshared vs shared (both routes). Each variant runs
+`--reps` times interleaved with the others; the minimum is reported and all times are kept. On CPU the ratios use
+process CPU seconds (one torch thread; vLLM in-process also drops to one): the CI machine is shared with other jobs,
+and wall time there measures the neighbours as much as the code (wall seconds are recorded next to them).
+A sweep over image tokens and n shows how the shared/unshared ratio moves (transformers only, fewer reps).
+Agreement is checked on the way: shared vs per-request log-probs, vLLM vs transformers, shared vs unshared gradients.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def _args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--arch", default="qwen2_5_vl")
+    ap.add_argument("--preset", default="small")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--prompts", type=int, default=4)
+    ap.add_argument("--n", type=int, default=8)
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--image-tokens", type=int, default=256, help="image tokens per view (a square number)")
+    ap.add_argument("--teacher-batch", type=int, default=16, help="rows per teacher forward (teacher.micro_batch_size)")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--sweep-image-tokens", type=int, nargs="*", default=[64, 256, 1024])
+    ap.add_argument("--sweep-n", type=int, nargs="*", default=[2, 4, 8])
+    ap.add_argument("--sweep-prompts", type=int, default=2)
+    ap.add_argument("--no-vllm", action="store_true", help="skip the raw vLLM row (e.g. where vLLM is missing)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (0 = leave as is)")
+    return ap.parse_args(argv)
+
+
+def _side(image_tokens: int) -> int:
+    root = math.isqrt(image_tokens)
+    if root * root != image_tokens:
+        raise SystemExit(f"--image-tokens must be a square number, got {image_tokens}")
+    return 28 * root
+
+
+def _ordinary_ids(tok: Any, vocab: int) -> list[int]:
+    from vzero.engines.base import banned_token_ids
+
+    banned = set(banned_token_ids(tok, vocab)) | set(tok.all_special_ids)
+    return [i for i in range(len(tok)) if i not in banned]
+
+
+def make_groups(tok: Any, vocab: int, *, prompts: int, n: int, max_tokens: int, image_tokens: int, seed: int = 0):
+    """[(prompt_ids, [pos image, neg image], [n response id lists])] with fixed random content."""
+    from PIL import Image
+
+    from vzero.vlm_inputs import chat_prompt_ids
+
+    rng = np.random.default_rng(seed)
+    side = _side(image_tokens)
+    ids = np.array(_ordinary_ids(tok, vocab))
+    out = []
+    for p in range(prompts):
+        views = [Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)) for _ in range(2)]
+        question = f"Question {p}: what is written on the small sign in the lower left corner of the picture?"
+        lengths = rng.integers(max(1, max_tokens // 4), max_tokens + 1, size=n)
+        out.append((chat_prompt_ids(tok, question), views, [rng.choice(ids, size=int(t)).tolist() for t in lengths]))
+    return out
+
+
+def score_requests(groups) -> list:
+    from vzero.engines import ScoreRequest
+
+    return [ScoreRequest(ids, views[v], r) for v in (0, 1) for ids, views, resp in groups for r in resp]
+
+
+class Clock:
+    """Wall and process-CPU seconds of a block; `seconds` is what ratios use (CPU time on CPU, wall on GPU)."""
+
+    cpu_time = True
+
+    def __enter__(self) -> Clock:
+        self.w, self.c = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.wall, self.cpu = time.perf_counter() - self.w, time.process_time() - self.c
+        self.seconds = self.cpu if Clock.cpu_time else self.wall
+
+
+def _summary(clocks: list[Clock]) -> dict[str, Any]:
+    return {
+        "seconds": min(c.seconds for c in clocks),
+        "all_seconds": [round(c.seconds, 4) for c in clocks],
+        "all_wall_seconds": [round(c.wall, 4) for c in clocks],
+    }
+
+
+def teacher_rows(hf, vllm_llm, groups, reps: int) -> dict[str, Any]:
+    """Scored tokens/s of each teacher path on the same requests (both views), interleaved repetitions."""
+    reqs = score_requests(groups)
+    tokens = sum(len(r.response_ids) for r in reqs)
+    variants = {
+        "transformers_per_request": ("per_request", None),
+        "shared_prefix_cache": ("shared_prefix", "cache"),
+        "shared_prefix_packed": ("shared_prefix", "packed"),
+    }
+    times: dict[str, list[Clock]] = {k: [] for k in variants}
+    outputs: dict[str, list] = {}
+    if vllm_llm is not None:
+        from vllm import SamplingParams
+
+        prompts = [
+            {"prompt_token_ids": r.prompt_ids + r.response_ids, "multi_modal_data": {"image": r.image}} for r in reqs
+        ]
+        params = SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False)
+        vllm_llm.generate(prompts[:2], params, use_tqdm=False)  # warm-up
+        times["raw_vllm_prompt_logprobs"] = []
+    hf.score(reqs[:2])  # warm-up
+    for _ in range(reps):
+        if vllm_llm is not None:
+            with Clock() as c:
+                outs = vllm_llm.generate(prompts, params, use_tqdm=False)
+            times["raw_vllm_prompt_logprobs"].append(c)
+            outputs["raw_vllm_prompt_logprobs"] = [
+                [
+                    float(e[tok].logprob)
+                    for tok, e in zip(r.response_ids, o.prompt_logprobs[-len(r.response_ids) :], strict=True)
+                ]
+                for r, o in zip(reqs, outs, strict=True)
+            ]
+        for name, (scoring, route) in variants.items():
+            hf.shared_prefix, hf.route = scoring == "shared_prefix", route or "cache"
+            with Clock() as c:
+                res = hf.score(reqs)
+            times[name].append(c)
+            outputs[name] = [r.logprobs for r in res]
+    ref = outputs["transformers_per_request"]
+    rows: dict[str, Any] = {"requests": len(reqs), "scored_tokens": tokens}
+    for name, ts in times.items():
+        diff = max(abs(a - b) for x, y in zip(outputs[name], ref, strict=True) for a, b in zip(x, y, strict=True))
+        rows[name] = {**_summary(ts), "max_abs_diff": diff}
+        rows[name]["tokens_per_s"] = tokens / rows[name]["seconds"]
+    best_shared = max(rows["shared_prefix_cache"]["tokens_per_s"], rows["shared_prefix_packed"]["tokens_per_s"])
+    rows["shared_over_transformers_per_request"] = best_shared / rows["transformers_per_request"]["tokens_per_s"]
+    if vllm_llm is not None:
+        rows["shared_over_raw_vllm"] = best_shared / rows["raw_vllm_prompt_logprobs"]["tokens_per_s"]
+    return rows
+
+
+def learner_rows(model, encoder, tok, groups, reps: int, device: str) -> dict[str, Any]:
+    """Seconds per learner step (micro-batch = one group of n rows; k1_pg loss; AdamW), shared vs unshared."""
+    import torch
+
+    from learner.losses import gated_opd_loss
+    from vzero.logprobs import response_logprobs
+    from vzero.shared_prefix import collate_shared, shared_prefix_logprobs
+    from vzero.vlm_inputs import collate
+
+    pad, ipad = tok.pad_token_id, tok.convert_tokens_to_ids("<|image_pad|>")
+    encoded = [encoder(views[0]) for _, views, _ in groups]  # the student's full image, encoded once per prompt
+    micro = [[(ids, enc, r) for r in resp] for (ids, _, resp), enc in zip(groups, encoded, strict=True)]
+    n_valid = sum(len(r) for m in micro for _, _, r in m)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-9)  # tiny lr: the weights stay comparable across variants
+    model.train()
+
+    def step(route: str | None) -> tuple[Clock, dict[str, torch.Tensor]]:
+        clock = Clock().__enter__()
+        opt.zero_grad(set_to_none=True)
+        for rows in micro:
+            if route is None:
+                res = response_logprobs(model, collate(rows, pad_id=pad, image_pad_id=ipad).to(device))
+            else:
+                batch = collate_shared(rows, pad_id=pad, image_pad_id=ipad).to(device)
+                res = shared_prefix_logprobs(model, batch, route=route)
+            lp = res.logprobs
+            old = (lp.detach() + 0.01 * torch.randn_like(lp)).clamp(max=0)
+            teacher = (lp.detach() - 0.3).clamp(max=0)
+            loss, _ = gated_opd_loss(
+                lp, old, teacher, res.mask, torch.ones(lp.shape[0], device=device), num_valid_tokens=n_valid
+            )
+            loss.backward()
+        grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+        opt.step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        clock.__exit__()
+        return clock, grads
+
+    torch.manual_seed(0)
+    step("cache")  # warm-up
+    variants = {"unshared": None, "shared_prefix_cache": "cache", "shared_prefix_packed": "packed"}
+    times: dict[str, list[Clock]] = {k: [] for k in variants}
+    grads: dict[str, dict] = {}
+    for _ in range(reps):
+        for name, route in variants.items():
+            torch.manual_seed(0)
+            clock, grads[name] = step(route)
+            times[name].append(clock)
+    rows: dict[str, Any] = {"micro_batches": len(micro), "response_tokens": n_valid}
+    for name, ts in times.items():
+        diff = max((grads[name][k] - grads["unshared"][k]).abs().max().item() for k in grads["unshared"])
+        rows[name] = {**_summary(ts), "max_abs_grad_diff": diff}
+    best = min(rows["shared_prefix_cache"]["seconds"], rows["shared_prefix_packed"]["seconds"])
+    rows["unshared_over_shared"] = rows["unshared"]["seconds"] / best
+    return rows
+
+
+def run(a: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    from vzero.engines.hf import HFEngine
+    from vzero.models.tiny import build_model
+
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    Clock.cpu_time = a.device == "cpu"
+    work = Path(tempfile.mkdtemp(prefix="vzero-shared-prefix-"))
+    model_dir = build_model(work / "model", arch=a.arch, preset=a.preset, seed=0, device=a.device)
+    side = _side(a.image_tokens)
+    pix = {"min_pixels": 56 * 56, "max_pixels": max(side, _side(max(a.sweep_image_tokens or [1]))) ** 2}
+    hf = HFEngine(str(model_dir), device=a.device, batch_size=a.teacher_batch, scoring="shared_prefix", **pix)
+    vocab = hf.model.get_output_embeddings().weight.shape[0]
+    tok = hf.tokenizer
+    groups = make_groups(tok, vocab, prompts=a.prompts, n=a.n, max_tokens=a.max_tokens, image_tokens=a.image_tokens)
+    res: dict[str, Any] = {}
+    llm = None
+    if not a.no_vllm:
+        from vzero.config import VLLMOptions
+        from vzero.engines.vllm import VLLMEngine
+
+        longest = max(len(ids) + hf.encoder(v[0]).num_pads + max(map(len, r)) for ids, v, r in groups)
+        opts = VLLMOptions(max_model_len=max(1024, 256 * math.ceil((longest + 8) / 256)), max_num_seqs=64)
+        t = time.perf_counter()
+        llm = VLLMEngine(str(model_dir), device=a.device, options=opts, **pix).llm
+        res["vllm_start_seconds"] = time.perf_counter() - t
+    res["teacher"] = teacher_rows(hf, llm, groups, a.reps)
+    if llm is not None:
+        del llm
+    # the learner trains a copy of the same random-init model (fp32 master weights, as the learner's default)
+    from vzero.models.loading import load_model
+
+    student = load_model(str(model_dir), dtype="float32", device=a.device)
+    res["learner"] = learner_rows(student, hf.encoder, tok, groups, a.reps, a.device)
+    sweep: dict[str, Any] = {"image_tokens": {}, "n": {}}
+    reps = max(1, a.reps - 1)
+    for image_tokens in a.sweep_image_tokens:
+        g = make_groups(tok, vocab, prompts=a.sweep_prompts, n=a.n, max_tokens=a.max_tokens, image_tokens=image_tokens)
+        sweep["image_tokens"][str(image_tokens)] = _ratios(hf, student, tok, g, reps, a.device)
+    for n in a.sweep_n:
+        g = make_groups(tok, vocab, prompts=a.sweep_prompts, n=n, max_tokens=a.max_tokens, image_tokens=a.image_tokens)
+        sweep["n"][str(n)] = _ratios(hf, student, tok, g, reps, a.device)
+    res["sweep"] = sweep
+    return res
+
+
+def _ratios(hf, student, tok, groups, reps: int, device: str) -> dict[str, float]:
+    t = teacher_rows(hf, None, groups, reps)
+    lr = learner_rows(student, hf.encoder, tok, groups, reps, device)
+    return {
+        "teacher_shared_over_per_request": t["shared_over_transformers_per_request"],
+        "teacher_cache_tokens_per_s": t["shared_prefix_cache"]["tokens_per_s"],
+        "teacher_packed_tokens_per_s": t["shared_prefix_packed"]["tokens_per_s"],
+        "teacher_per_request_tokens_per_s": t["transformers_per_request"]["tokens_per_s"],
+        "learner_unshared_over_shared": lr["unshared_over_shared"],
+        "learner_cache_seconds": lr["shared_prefix_cache"]["seconds"],
+        "learner_packed_seconds": lr["shared_prefix_packed"]["seconds"],
+        "learner_unshared_seconds": lr["unshared"]["seconds"],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = _args(argv)
+    import torch
+
+    t0 = time.perf_counter()
+    res = run(a)
+    res = {
+        "what": "shared-prefix teacher replay and learner step vs unshared, same requests, one run",
+        "command": "python -m bench.shared_prefix " + " ".join(sys.argv[1:] if argv is None else argv),
+        "sizes": {k: getattr(a, k) for k in ("arch", "preset", "prompts", "n", "max_tokens", "image_tokens")},
+        "goals": {"teacher shared_over_raw_vllm": ">= 2", "learner unshared_over_shared": ">= 2"},
+        **res,
+        "wall_seconds": time.perf_counter() - t0,
+        "device": torch.cuda.get_device_name(0) if a.device == "cuda" else platform.processor() or platform.machine(),
+        "torch_threads": torch.get_num_threads(),
+        "seconds_are": "process CPU seconds" if a.device == "cpu" else "wall seconds",
+        "versions": {
+            m: __import__(m).__version__ for m in ("torch", "transformers", *(() if a.no_vllm else ("vllm",)))
+        },
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(json.dumps(res, indent=2) + "\n")
+    print(json.dumps({k: res[k] for k in ("teacher", "learner")}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
