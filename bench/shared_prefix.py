@@ -246,14 +246,12 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         from vzero.config import VLLMOptions
         from vzero.engines.vllm import VLLMEngine
 
-        longest = max(len(ids) + hf.encoder(v[0]).num_pads + max(map(len, r)) for ids, v, r in groups)
-        opts = VLLMOptions(max_model_len=max(1024, 256 * math.ceil((longest + 8) / 256)), max_num_seqs=64)
+        longest = len(groups[0][0]) + max(a.image_tokens, *a.sweep_image_tokens) + a.max_tokens + 64
+        opts = VLLMOptions(max_model_len=256 * math.ceil(longest / 256), max_num_seqs=64)
         t = time.perf_counter()
         llm = VLLMEngine(str(model_dir), device=a.device, options=opts, **pix).llm
         res["vllm_start_seconds"] = time.perf_counter() - t
     res["teacher"] = teacher_rows(hf, llm, groups, a.reps)
-    if llm is not None:
-        del llm
     # the learner trains a copy of the same random-init model (fp32 master weights, as the learner's default)
     from vzero.models.loading import load_model
 
@@ -263,18 +261,25 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     reps = max(1, a.reps - 1)
     for image_tokens in a.sweep_image_tokens:
         g = make_groups(tok, vocab, prompts=a.sweep_prompts, n=a.n, max_tokens=a.max_tokens, image_tokens=image_tokens)
-        sweep["image_tokens"][str(image_tokens)] = _ratios(hf, student, tok, g, reps, a.device)
+        sweep["image_tokens"][str(image_tokens)] = _ratios(hf, llm, student, tok, g, reps, a.device)
     for n in a.sweep_n:
         g = make_groups(tok, vocab, prompts=a.sweep_prompts, n=n, max_tokens=a.max_tokens, image_tokens=a.image_tokens)
-        sweep["n"][str(n)] = _ratios(hf, student, tok, g, reps, a.device)
+        sweep["n"][str(n)] = _ratios(hf, llm, student, tok, g, reps, a.device)
     res["sweep"] = sweep
     return res
 
 
-def _ratios(hf, student, tok, groups, reps: int, device: str) -> dict[str, float]:
-    t = teacher_rows(hf, None, groups, reps)
+def _ratios(hf, llm, student, tok, groups, reps: int, device: str) -> dict[str, float]:
+    t = teacher_rows(hf, llm, groups, reps)
     lr = learner_rows(student, hf.encoder, tok, groups, reps, device)
+    vllm = {}
+    if llm is not None:
+        vllm = {
+            "teacher_shared_over_raw_vllm": t["shared_over_raw_vllm"],
+            "teacher_raw_vllm_tokens_per_s": t["raw_vllm_prompt_logprobs"]["tokens_per_s"],
+        }
     return {
+        **vllm,
         "teacher_shared_over_per_request": t["shared_over_transformers_per_request"],
         "teacher_cache_tokens_per_s": t["shared_prefix_cache"]["tokens_per_s"],
         "teacher_packed_tokens_per_s": t["shared_prefix_packed"]["tokens_per_s"],

@@ -19,13 +19,13 @@ Contract: rows are (prompt_ids with ONE image pad, EncodedImage, response_ids), 
 prefix iff they have equal prompt ids and the same image (the same EncodedImage object, the cheap case callers get by
 encoding an image once, or equal pixel values).
 Outputs are `ResponseLogprobs` in the callers' row order, the same layout as `response_logprobs`. Needs a
-transformers Qwen-VL ``...ForConditionalGeneration`` (``.model``, ``.model.get_rope_index``, output embeddings) with
-pure attention layers; models with recurrent (linear-attention) layers must use the unshared path (see
-`supports_shared_prefix`). Knows nothing about engines, Ray or losses.
+transformers Qwen-VL ``...ForConditionalGeneration`` (``.model``, ``.model.get_rope_index``, output embeddings);
+`shared_prefix_routes` says which routes are exact for a model. Knows nothing about engines, Ray or losses.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -156,9 +156,12 @@ def collate_shared(rows: list[Row], *, pad_id: int, image_pad_id: int) -> Shared
     )
 
 
-def supports_shared_prefix(model: torch.nn.Module | str | Path) -> bool:
-    """True for pure-attention decoders (a model, or a model directory's config). Linear-attention layers (Qwen3.5's
-    Gated DeltaNet) carry a recurrent state that neither route shares as written: such models use the unshared path."""
+def shared_prefix_routes(model: torch.nn.Module | str | Path) -> tuple[Route, ...]:
+    """The routes that are exact for a model (or a model directory's config), from its decoder's layer kinds.
+
+    Attention-only decoders: both. With linear-attention layers (Qwen3.5's Gated DeltaNet) only ``cache``: their conv
+    and recurrent state after the prefix is copied to every row like the keys/values, while a packed row would carry
+    one response's state into the next. Any other layer kind: none (the caller uses the unshared forward)."""
     if isinstance(model, (str, Path)):
         from transformers import AutoConfig
 
@@ -166,8 +169,10 @@ def supports_shared_prefix(model: torch.nn.Module | str | Path) -> bool:
     else:
         config = model.config
     text_config = getattr(config, "text_config", config)
-    layer_types = getattr(text_config, "layer_types", None) or []
-    return bool(layer_types) and all(t in ("full_attention", "sliding_attention") for t in layer_types)
+    kinds = set(getattr(text_config, "layer_types", None) or ())
+    if not kinds or not kinds <= {"full_attention", "linear_attention"}:
+        return ()
+    return ("cache",) if "linear_attention" in kinds else ROUTES
 
 
 def prefix_positions(model: torch.nn.Module, batch: SharedBatch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -198,12 +203,11 @@ def shared_prefix_logprobs(
     if T == 0:
         empty = torch.zeros((R, 0), device=device)
         return ResponseLogprobs(empty, empty.bool())
-    if route == "cache":
-        hidden = _cache_hidden(model, batch)
-    elif route == "packed":
-        hidden = _packed_hidden(model, batch)
-    else:
-        raise ValueError(f"unknown shared-prefix route {route!r}; choose one of {ROUTES}")
+    if route not in shared_prefix_routes(model):
+        raise ValueError(
+            f"shared-prefix route {route!r} is not exact for this model; it supports {shared_prefix_routes(model)}"
+        )
+    hidden = _cache_hidden(model, batch) if route == "cache" else _packed_hidden(model, batch)
     logits = model.get_output_embeddings()(hidden).float()  # [R, T, V]: position t predicts response token t
     logp = torch.log_softmax(logits, dim=-1)
     token_lp = logp.gather(-1, batch.response_ids.unsqueeze(-1)).squeeze(-1)
@@ -230,7 +234,8 @@ def _cache_hidden(model: torch.nn.Module, batch: SharedBatch) -> torch.Tensor:
     )
     cache = out.past_key_values
     rows = batch.row_group
-    cache.reorder_cache(rows)  # [G, ...] -> [R, ...] per layer: index_select, part of the autograd graph
+    cache.reorder_cache(rows)  # [G, ...] -> [R, ...] per layer (keys/values, conv/recurrent states): in the graph
+    _assign_recurrent_states(cache)
     R, T = batch.response_ids.shape
     resp_pos = (nxt[rows][:, None] + torch.arange(T, device=rows.device)[None, :]).expand(3, R, T)
     mask = torch.cat([batch.prefix_mask[rows], torch.ones_like(batch.response_ids)], dim=1)
@@ -243,6 +248,19 @@ def _cache_hidden(model: torch.nn.Module, batch: SharedBatch) -> torch.Tensor:
     )
     last_prefix = out.last_hidden_state[:, -1][rows]  # predicts response token 0
     return torch.cat([last_prefix[:, None], resp.last_hidden_state[:, : T - 1]], dim=1)
+
+
+def _assign_recurrent_states(cache: object) -> None:
+    """Linear-attention cache layers `copy_` the new recurrent state into the old one, which the response forward
+    just read: fine for inference, an in-place error for backward. Assign instead (this cache lives for one call)."""
+
+    def assign(layer: object, recurrent_states: torch.Tensor, state_idx: int = 0, **_: object) -> torch.Tensor:
+        layer.recurrent_states[state_idx] = recurrent_states
+        return recurrent_states
+
+    for layer in getattr(cache, "layers", []):
+        if hasattr(layer, "recurrent_states"):
+            layer.update_recurrent_state = functools.partial(assign, layer)
 
 
 def _packed_hidden(model: torch.nn.Module, batch: SharedBatch) -> torch.Tensor:

@@ -21,7 +21,7 @@ from vzero.shared_prefix import (
     group_chunks,
     group_index,
     shared_prefix_logprobs,
-    supports_shared_prefix,
+    shared_prefix_routes,
 )
 from vzero.vlm_inputs import ImageEncoder, chat_prompt_ids, collate
 
@@ -140,5 +140,5 @@ def test_group_chunks_keep_groups_whole_and_split_only_oversized_groups() -> Non
     assert [len(c) for c in chunks[2:]] == [4, 1]  # group 3 has 5 rows: cut into 4 + 1
 
 
-def test_pure_attention_families_support_shared_prefix(models) -> None:
-    assert all(supports_shared_prefix(models[a][0]) for a in ARCHS)
+def test_attention_only_families_support_both_routes(models) -> None:
+    assert all(shared_prefix_routes(models[a][0]) == ROUTES for a in ARCHS)

@@ -49,9 +49,9 @@ def resolve_teacher_scoring(scoring: str, engine: EngineKind, model_path: str) -
     if scoring == "shared_prefix":
         return "transformers", "shared_prefix"
     if scoring == "auto" and engine != "vllm":
-        from vzero.shared_prefix import supports_shared_prefix
+        from vzero.shared_prefix import shared_prefix_routes
 
-        if supports_shared_prefix(model_path):
+        if shared_prefix_routes(model_path):
             return "transformers", "shared_prefix"
     return resolve_engine_kind(engine), "per_request"
 

@@ -31,7 +31,7 @@ from vzero.shared_prefix import (
     group_chunks,
     group_index,
     shared_prefix_logprobs,
-    supports_shared_prefix,
+    shared_prefix_routes,
 )
 from vzero.vlm_inputs import ImageEncoder, collate
 
@@ -50,7 +50,7 @@ class HFEngine(Engine):
         batch_size: int = 16,
         trust_remote_code: bool = False,
         scoring: str = "per_request",
-        route: Route = "cache",
+        route: Route | None = None,
     ):
         self.device = torch.device(device)
         self.processor = load_processor(path, trust_remote_code=trust_remote_code)
@@ -58,9 +58,10 @@ class HFEngine(Engine):
         self.tokenizer = self.processor.tokenizer
         self.encoder = ImageEncoder(self.processor.image_processor, min_pixels=min_pixels, max_pixels=max_pixels)
         self.batch_size = batch_size
-        # Linear-attention families (recurrent state) are scored per request: see vzero.shared_prefix.
-        self.shared_prefix = scoring == "shared_prefix" and supports_shared_prefix(self.model)
-        self.route = route
+        # The route: the given one, else the model's preferred exact one; a model with none is scored per request.
+        routes = shared_prefix_routes(self.model)
+        self.route = route or (routes[0] if routes else None)
+        self.shared_prefix = scoring == "shared_prefix" and self.route in routes
         self.image_pad_id = self.tokenizer.convert_tokens_to_ids("<|image_pad|>")
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         gen_eos = self.model.generation_config.eos_token_id
