@@ -47,7 +47,7 @@ class Sampler:
         r = self.cfg.rollout
         t0 = time.perf_counter()
         requests = [
-            GenerateRequest(prompt_ids=chat_prompt_ids(self.tokenizer, p.question), image=decode_rgb(p.image))
+            GenerateRequest(chat_prompt_ids(self.tokenizer, p.question, self.cfg.student.chat), [decode_rgb(p.image)])
             for p in prompts
         ]
         spec = SamplingSpec(n=r.n, temperature=r.temperature, top_p=r.top_p, max_tokens=r.max_tokens, seed=seed)

@@ -18,7 +18,8 @@ import torch
 from gating.gate import evidence_weights
 from vzero.batching import length_mask, pad_ragged
 from vzero.config import TrainConfig
-from vzero.engines import ScoreRequest, create_engine, resolve_teacher_scoring
+from vzero.engines import ScoreRequest, create_engine
+from vzero.models.loading import check_same_vocabulary, load_processor
 from vzero.records import Prompt, Trajectory
 from vzero.runtime import actor_device, setup_threads
 from vzero.views import views_for
@@ -31,17 +32,19 @@ class Gating:
         self.rank = rank
         setup_threads(cfg.teacher.resources)
         self.device = actor_device(cfg.teacher.resources)
-        engine, self.scoring = resolve_teacher_scoring(cfg.teacher.scoring, cfg.teacher.engine, cfg.teacher_model.path)
         self.engine = create_engine(
-            engine,
+            cfg.teacher.engine,
             cfg.teacher_model,
             device=self.device,
             vllm=cfg.teacher.vllm,
             seed=cfg.seed,
             batch_size=cfg.teacher.micro_batch_size,
-            scoring=self.scoring,
+            scoring=cfg.teacher.scoring,
         )
         self.tokenizer = self.engine.tokenizer
+        if cfg.teacher.model is not None:  # another model (maybe another family): it must share the vocabulary
+            student = load_processor(cfg.student.path, trust_remote_code=cfg.student.trust_remote_code)
+            check_same_vocabulary(student.tokenizer, self.tokenizer)
 
     def gate(
         self, trajectories: list[Trajectory], prompts: dict[str, Prompt]
@@ -60,7 +63,7 @@ class Gating:
                 factor=cfg.views.downsample_factor,
                 seed=cfg.views.seed,
             )
-            teacher_ids[uid] = chat_prompt_ids(self.tokenizer, p.question)
+            teacher_ids[uid] = chat_prompt_ids(self.tokenizer, p.question, cfg.teacher_model.chat)
         t_views = time.perf_counter() - t0
 
         topk = cfg.loss.teacher_topk if cfg.loss.mode == "forward_kl_topk" else 0
@@ -116,4 +119,4 @@ class Gating:
 
     def ready(self) -> str:
         """Returns once __init__ finished (the driver waits on it); names the engine."""
-        return f"gating-{self.rank}: {self.engine.name} ({self.scoring} scoring) on {self.device}"
+        return f"gating-{self.rank}: {self.engine.name} ({self.engine.scoring} scoring) on {self.device}"

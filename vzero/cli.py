@@ -3,7 +3,11 @@
 vzero train --config configs/tiny-cpu.yaml steps=3 output_dir=runs/x     # key.sub=value overrides
 vzero train --config ... --resume                                        # continue from the last checkpoint
 vzero data synth|check|import-vzero ...
-vzero model tiny --out DIR [--arch qwen2_vl|qwen2_5_vl] [--preset tiny|small|3b]
+vzero model tiny --out DIR [--arch qwen2_vl|qwen2_5_vl|qwen3_vl|qwen3_5] [--preset tiny|small|3b|4b]
+vzero report RUN_DIR [--out DIR]                                         # the run as an HTML page
+
+A user error (vzero.errors.UserError, vzero.config.ConfigError: bad config, unusable data, missing model, impossible
+resources) prints one message and exits with status 2, no traceback; any other exception keeps its traceback.
 """
 
 from __future__ import annotations
@@ -14,9 +18,16 @@ import logging
 import sys
 
 from vzero.config import ConfigError, load_config
+from vzero.errors import EXIT_USER_ERROR, UserError
 
 # Sub-command modules register themselves; each exposes register(subparsers).
-COMMAND_MODULES = ("vzero.data.commands", "vzero.models.commands", "vzero.eval.commands", "vzero.recipes.commands")
+COMMAND_MODULES = (
+    "vzero.data.commands",
+    "vzero.models.commands",
+    "vzero.eval.commands",
+    "vzero.recipes.commands",
+    "vzero.report.commands",
+)
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -25,6 +36,9 @@ def _train(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    from vzero.preflight import prepare_inputs
+
+    prepare_inputs(cfg)  # before the driver's heavy imports: a user error is reported in seconds
     from vzero.driver import train
 
     train(cfg, resume=args.resume)
@@ -51,9 +65,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%X")
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except (UserError, ConfigError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
 
 
 if __name__ == "__main__":

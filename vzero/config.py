@@ -30,12 +30,27 @@ class _Strict(BaseModel):
 class BuildSpec(_Strict):
     """How to build a random-init model when `path` holds none (demos, tests, benchmarks)."""
 
-    arch: Literal["qwen2_vl", "qwen2_5_vl"] = "qwen2_vl"
-    """Real architecture to instantiate (Qwen2-VL or Qwen2.5-VL family)."""
-    preset: Literal["tiny", "small", "3b"] = "tiny"
-    """Size: `tiny` (CPU tests), `small` (toy experiments), `3b` (Qwen2.5-VL-3B shapes, GPU benchmarks)."""
+    arch: Literal["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5"] = "qwen2_vl"
+    """Real architecture to instantiate: the Qwen2-VL, Qwen2.5-VL, Qwen3-VL or Qwen3.5 family (the authors train
+    Qwen3.5; differences between families: vzero/models/families.py)."""
+    preset: Literal["tiny", "small", "3b", "4b"] = "tiny"
+    """Size: `tiny` (CPU tests), `small` (toy experiments), `3b` (Qwen2-VL-2B / Qwen2.5-VL-3B shapes) or `4b`
+    (Qwen3-VL-4B / Qwen3.5-4B shapes, the authors' student): GPU benchmarks."""
     seed: int = 0
     """Seed of the random init; the same seed gives the same weights."""
+
+
+class ChatOptions(_Strict):
+    """How prompts are rendered with the model's chat template (the same for sampling, teacher replay, the learner
+    (which trains on the sampler's prompt ids) and evaluation)."""
+
+    system_prompt: str | None = None
+    """System turn text; unset = no system turn (the authors: none; their `<answer>`-tag system prompt is off).
+    Templates may add their own default when there is none: Qwen2-VL / Qwen2.5-VL insert "You are a helpful
+    assistant.", Qwen3-VL / Qwen3.5 add nothing."""
+    enable_thinking: bool = False
+    """Let the model reason first (Qwen3.5: the generation prompt opens a `<think>` block). The authors: false (the
+    prompt then ends with an empty `<think>\n\n</think>\n\n`). Templates without thinking ignore it."""
 
 
 class ModelSource(_Strict):
@@ -53,6 +68,8 @@ class ModelSource(_Strict):
     """Lower bound on the image area fed to the vision tower (the processor upsamples smaller images)."""
     max_pixels: int = Field(448 * 448, gt=0)
     """Upper bound on the image area fed to the vision tower (pixel budget; larger images are downscaled)."""
+    chat: ChatOptions = ChatOptions()
+    """Chat-template options for prompts to this model."""
 
     @model_validator(mode="after")
     def _pixels_ordered(self) -> ModelSource:
@@ -91,6 +108,13 @@ class VLLMOptions(_Strict):
     """Run the engine core in the actor's process (VLLM_ENABLE_V1_MULTIPROCESSING=0): weights load by reference."""
     max_logprobs: int = Field(64, ge=0)
     """Largest top-k of log-probs an engine may return (teacher top-k for forward_kl_topk)."""
+    max_images_per_prompt: int = Field(1, ge=1)
+    """Most images one request may carry (vLLM `limit_mm_per_prompt`; its memory profile assumes this many at the
+    largest pixel budget). 2 for a teacher that sees the full image and the crop."""
+    block_size: int | None = Field(None, ge=16)
+    """KV-cache block size in tokens (unset = 32 for a CPU engine with shared-prefix scoring, else vLLM's default:
+    16 on GPU, 128 on CPU). The prefix cache shares whole blocks, so smaller blocks share more of each prefix: on
+    CPU, 32 scored a 256-image-token step 2.3-2.5x faster than per request, 128 1.9-2.2x (bench/shared_prefix.py)."""
 
 
 class DataSynth(_Strict):
@@ -153,22 +177,15 @@ class TeacherConfig(_Strict):
     micro_batch_size: int = Field(16, ge=1)
     """Trajectories per teacher forward (transformers engine; with shared_prefix, whole groups per forward)."""
     scoring: Literal["auto", "per_request", "shared_prefix"] = "auto"
-    """How the replays are computed. `per_request`: each (trajectory, view) is its own request to `engine` (vLLM's
-    prompt_logprobs, which recompute the image and question 2n times per prompt; the authors' way). `shared_prefix`:
-    the transformers engine computes each (prompt, view) prefix (vision tower + key/value) once and scores its n
-    responses against it (vzero/shared_prefix.py); `engine` must then not be `vllm`. `auto`: shared_prefix where the
-    teacher's family supports it and `engine` is not `vllm`, else per_request (measured: bench/shared_prefix.py)."""
+    """How the replays of one step are computed. `per_request` (the authors'): every (trajectory, view) is its own
+    request, so the image and question are recomputed 2n times per prompt (vLLM computes prompt_logprobs without
+    prefix caching). `shared_prefix`: each (prompt, view) prefix is computed once and its n responses are scored
+    against it: vLLM warms its prefix cache with the prefixes, then reads it (exact: the same kernels); the
+    transformers engine runs vzero/shared_prefix.py (the prefix's vision tower and key/value once per group).
+    `auto` = shared_prefix where the engine and the model support it, else per_request. Measured on CPU (2 cores,
+    bench/results/shared-prefix-cpu.json): see the README's benchmark table."""
     resources: ActorResources = ActorResources()
     vllm: VLLMOptions = VLLMOptions()
-
-    @model_validator(mode="after")
-    def _scoring_engine(self) -> TeacherConfig:
-        if self.scoring == "shared_prefix" and self.engine == "vllm":
-            raise ValueError(
-                "teacher.scoring=shared_prefix runs on the transformers engine: set teacher.engine to auto or "
-                "transformers, or teacher.scoring to per_request / auto to keep vLLM"
-            )
-        return self
 
 
 class ViewConfig(_Strict):
@@ -318,11 +335,14 @@ class LoggingConfig(_Strict):
     tensorboard: bool = True
     """Also write TensorBoard events under output_dir/tb."""
     progress_bar: bool = True
-    """Show a per-step progress bar on the console."""
+    """Print one progress line per step on the console (step, loss, gate weight, seconds)."""
     save_trajectories: bool = True
     """Keep every step's trajectories (ids, log-probs, teacher log-probs, weights) as Parquet."""
     ray_metrics: bool = True
     """Export metrics to the Ray dashboard / Prometheus via ray.util.metrics."""
+    verbose: bool = False
+    """Let vLLM, Ray, transformers and tqdm print their INFO lines and progress bars (off: warnings and errors only,
+    see vzero/console.py)."""
 
 
 class TrainConfig(_Strict):

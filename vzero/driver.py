@@ -36,12 +36,13 @@ from actors.sampler import Sampler
 from gating.teacher import Gating
 from learner.learner import Learner
 from vzero import checkpoint as ckpt
-from vzero.assets import ensure_data, ensure_model
 from vzero.cluster import call_with_retry, check_resources, connect, spawn, wait_ready
 from vzero.config import TrainConfig, dump_config
+from vzero.console import progress_line, ray_logs_dir, summary
 from vzero.data.quarantine import QuarantineWriter
 from vzero.data.stream import PromptStream
 from vzero.metrics_log import MetricsLog
+from vzero.preflight import prepare_inputs
 from vzero.records import Prompt, Trajectory
 from vzero.runtime import derive_seed
 from vzero.telemetry import Telemetry
@@ -70,12 +71,10 @@ class Run:
 
     def __init__(self, cfg: TrainConfig, *, resume: bool = False):
         self.cfg = cfg
+        prepare_inputs(cfg)  # data, model dirs, engines, resources: a user error stops here, before Ray starts
         self.out = Path(cfg.output_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "config.yaml").write_text(dump_config(cfg))
-        ensure_data(cfg.data)
-        ensure_model(cfg.student)
-        ensure_model(cfg.teacher_model)
         connect(cfg)
         check_resources(cfg)
         self.samplers = [
@@ -274,7 +273,6 @@ class Run:
         depth = cfg.max_staleness if cfg.mode == "async" else 0
         inflight: deque[InFlight] = deque()
         next_step = self.step
-        bar = _progress(cfg, self.step)
         signal.signal(signal.SIGTERM, self._on_sigterm)
         pending_gate: tuple[InFlight, list[Any]] | None = None
         try:
@@ -311,15 +309,14 @@ class Run:
                 metrics = self._step_metrics(job, trajectories, gate_stats, train_metrics, push, t_step)
                 if cfg.logging.save_trajectories:
                     write_step(self.out / "trajectories", job.step, trajectories)
-                record = self.metrics.log(self.step, metrics)
+                record = self.metrics.log(self.step, metrics, trajectories)
                 self.telemetry.record(record, [t.weight for t in trajectories])
-                bar.update(1)
-                bar.set_postfix(loss=f"{metrics['loss']:.4f}", w=f"{metrics.get('gate/weight_mean', 1):.2f}")
+                if cfg.logging.progress_bar:
+                    print(progress_line(self.step, cfg.steps, metrics), flush=True)
                 if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and self.step < cfg.steps:
                     self.save_checkpoint()
             final = self.save_checkpoint()
         finally:
-            bar.close()
             self.metrics.close()
             self.quarantine.close()
         return final
@@ -350,12 +347,6 @@ class Run:
             ray.kill(a, no_restart=True)
 
 
-def _progress(cfg: TrainConfig, start: int):
-    from tqdm import tqdm
-
-    return tqdm(total=cfg.steps, initial=start, desc="vzero", unit="step", disable=not cfg.logging.progress_bar)
-
-
 def _tuplify(x: Any) -> Any:
     return tuple(_tuplify(v) for v in x) if isinstance(x, list) else x
 
@@ -370,7 +361,9 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
     random.seed(cfg.seed)
     np.random.seed(cfg.seed % (2**32))
     owns_cluster = not ray.is_initialized() and not (cfg.ray.address or os.environ.get("RAY_ADDRESS"))
+    t0 = time.perf_counter()
     run = Run(cfg, resume=resume)
+    logs_dir = ray_logs_dir() if owns_cluster else None
     try:
         final = run.run()
     finally:
@@ -378,11 +371,18 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
         if owns_cluster:  # flush the actors' last log lines before the summary, and free the local cluster
             ray.shutdown()
     out = run.out
+    lg = cfg.logging
     print(
-        f"V-Zero run finished: {run.step} steps\n"
-        f"  metrics       {out / 'metrics.jsonl'}  (tensorboard --logdir {out / 'tb'})\n"
-        f"  trajectories  {out / 'trajectories'}/step_*.parquet\n"
-        f"  checkpoint    {final}  (an HF model dir in model/; continue with --resume)",
+        summary(
+            out,
+            steps=run.step,
+            checkpoint=final,
+            seconds=time.perf_counter() - t0,
+            quarantined=run.stream.quarantined,
+            trajectories=lg.save_trajectories,
+            tensorboard=lg.tensorboard,
+            logs_dir=logs_dir,
+        ),
         flush=True,
     )
     print(json.dumps({"output_dir": str(out), "checkpoint": str(final), "steps": run.step}), flush=True)

@@ -15,9 +15,9 @@ Both keep the autograd graph: in the learner the prefix's keys/values (and the i
 n rows, so backward accumulates the n rows' gradients into one prefix and ONE vision-tower pass per image. Exact up to
 float summation order: the tests hold them to the unshared forward (teacher ≤ 1e-4, gradients ≤ 1e-5, float32).
 
-Contract: rows are (prompt_ids with ONE image pad, EncodedImage, response_ids), like `vlm_inputs.collate`; rows share a
-prefix iff they have equal prompt ids and the same image (the same EncodedImage object, the cheap case callers get by
-encoding an image once, or equal pixel values).
+Contract: rows are (prompt_ids with one image pad per image, encoded image(s) in pad order, response_ids), like
+`vlm_inputs.collate`; rows share a prefix iff they have equal prompt ids and the same images (the same EncodedImage
+objects, the cheap case callers get by encoding an image once, or equal pixel values).
 Outputs are `ResponseLogprobs` in the callers' row order, the same layout as `response_logprobs`. Needs a
 transformers Qwen-VL ``...ForConditionalGeneration`` (``.model``, ``.model.get_rope_index``, output embeddings);
 `shared_prefix_routes` says which routes are exact for a model. Knows nothing about engines, Ray or losses.
@@ -33,12 +33,12 @@ from typing import Literal
 import torch
 
 from vzero.logprobs import ResponseLogprobs
-from vzero.vlm_inputs import EncodedImage, expand_image_pads
+from vzero.vlm_inputs import EncodedImage, Images, expand_image_pads
 
 Route = Literal["cache", "packed"]
-ROUTES: tuple[Route, ...] = ("cache", "packed")
+ROUTES: tuple[Route, ...] = ("cache", "packed")  # preference order: the first exact one is a model's default
 
-Row = tuple[list[int], EncodedImage, list[int]]
+Row = tuple[list[int], Images, list[int]]
 
 
 @dataclass
@@ -48,8 +48,8 @@ class SharedBatch:
     prefix_ids: torch.Tensor  # [G, P] expanded prompt ids, left-padded
     prefix_mask: torch.Tensor  # [G, P] 1 on real prefix tokens
     mm_token_type_ids: torch.Tensor  # [G, P] 1 on image tokens
-    pixel_values: torch.Tensor  # [sum patches of the G images, D]: each unique image once
-    image_grid_thw: torch.Tensor  # [G, 3]
+    pixel_values: torch.Tensor  # [sum patches of the groups' images, D]: each group's images once
+    image_grid_thw: torch.Tensor  # [number of images, 3], group by group, each group's images in pad order
     response_ids: torch.Tensor  # [R, T] right-padded with pad_id
     row_group: torch.Tensor  # [R] long: the group (prefix row) of each response row, callers' order
     response_lengths: list[int]  # T_r per row
@@ -80,22 +80,30 @@ class SharedBatch:
         return int(self.prefix_mask.sum().item()) + sum(self.response_lengths)
 
 
-def _same_image(a: EncodedImage, b: EncodedImage) -> bool:
-    return a is b or (torch.equal(a.grid_thw, b.grid_thw) and torch.equal(a.pixel_values, b.pixel_values))
+def _images(images: Images) -> list[EncodedImage]:
+    return [images] if isinstance(images, EncodedImage) else list(images)
+
+
+def _same_images(a: list[EncodedImage], b: list[EncodedImage]) -> bool:
+    return len(a) == len(b) and all(
+        x is y or (torch.equal(x.grid_thw, y.grid_thw) and torch.equal(x.pixel_values, y.pixel_values))
+        for x, y in zip(a, b, strict=True)
+    )
 
 
 def group_index(rows: list[Row]) -> list[int]:
-    """Group id per row, groups numbered in order of first appearance: rows with equal prompt ids and the same image
-    (the same EncodedImage object, or equal pixels) share a group."""
-    firsts: dict[tuple[int, ...], list[tuple[EncodedImage, int]]] = {}
+    """Group id per row, groups numbered in order of first appearance: rows with equal prompt ids and the same images
+    (the same EncodedImage objects, or equal pixels) share a group."""
+    firsts: dict[tuple[int, ...], list[tuple[list[EncodedImage], int]]] = {}
     out: list[int] = []
     n_groups = 0
-    for prompt_ids, enc, _ in rows:
+    for prompt_ids, images, _ in rows:
+        encs = _images(images)
         candidates = firsts.setdefault(tuple(prompt_ids), [])
-        g = next((g for other, g in candidates if _same_image(enc, other)), None)
+        g = next((g for other, g in candidates if _same_images(encs, other)), None)
         if g is None:
             g, n_groups = n_groups, n_groups + 1
-            candidates.append((enc, g))
+            candidates.append((encs, g))
         out.append(g)
     return out
 
@@ -128,7 +136,10 @@ def collate_shared(rows: list[Row], *, pad_id: int, image_pad_id: int) -> Shared
     firsts: dict[int, Row] = {}
     for g, row in zip(groups, rows, strict=True):
         firsts.setdefault(g, row)
-    prefixes = [expand_image_pads(firsts[g][0], image_pad_id, firsts[g][1].num_pads) for g in range(len(firsts))]
+    encs = [_images(firsts[g][1]) for g in range(len(firsts))]
+    prefixes = [
+        expand_image_pads(firsts[g][0], image_pad_id, [e.num_pads for e in encs[g]]) for g in range(len(firsts))
+    ]
     P = max(len(p) for p in prefixes)
     prefix_ids = torch.full((len(prefixes), P), pad_id, dtype=torch.long)
     prefix_mask = torch.zeros((len(prefixes), P), dtype=torch.long)
@@ -141,13 +152,12 @@ def collate_shared(rows: list[Row], *, pad_id: int, image_pad_id: int) -> Shared
     for i, (_, _, resp) in enumerate(rows):
         if resp:
             response_ids[i, : len(resp)] = torch.tensor(resp, dtype=torch.long)
-    encs = [firsts[g][1] for g in range(len(firsts))]
     return SharedBatch(
         prefix_ids=prefix_ids,
         prefix_mask=prefix_mask,
         mm_token_type_ids=((prefix_ids == image_pad_id) & prefix_mask.bool()).to(torch.int32),
-        pixel_values=torch.cat([e.pixel_values for e in encs], dim=0),
-        image_grid_thw=torch.cat([e.grid_thw for e in encs], dim=0),
+        pixel_values=torch.cat([e.pixel_values for group in encs for e in group], dim=0),
+        image_grid_thw=torch.cat([e.grid_thw for group in encs for e in group], dim=0),
         response_ids=response_ids,
         row_group=torch.tensor(groups, dtype=torch.long),
         response_lengths=lengths,

@@ -20,7 +20,6 @@ __all__ = [
     "ScoreResult",
     "create_engine",
     "resolve_engine_kind",
-    "resolve_teacher_scoring",
     "vllm_available",
 ]
 
@@ -43,19 +42,6 @@ def resolve_engine_kind(kind: EngineKind) -> str:
     return kind
 
 
-def resolve_teacher_scoring(scoring: str, engine: EngineKind, model_path: str) -> tuple[str, str]:
-    """(engine kind, scoring) of a teacher: `auto` = the transformers engine's shared-prefix scoring where the model
-    supports it and vLLM was not asked for explicitly, else per-request scoring on `engine` (see TeacherConfig)."""
-    if scoring == "shared_prefix":
-        return "transformers", "shared_prefix"
-    if scoring == "auto" and engine != "vllm":
-        from vzero.shared_prefix import shared_prefix_routes
-
-        if shared_prefix_routes(model_path):
-            return "transformers", "shared_prefix"
-    return resolve_engine_kind(engine), "per_request"
-
-
 def create_engine(
     kind: EngineKind,
     model: ModelSource,
@@ -70,8 +56,9 @@ def create_engine(
     """Build the engine for `model` on `device` ("cpu" or "cuda").
 
     `worker_extension` names the vLLM worker-extension class that receives weight pushes (samplers pass theirs;
-    the core does not know the receiver's home). `scoring="shared_prefix"` (transformers engine only) scores requests
-    that share a prompt and image object against one prefix forward (`vzero.shared_prefix`)."""
+    the core does not know the receiver's home). `scoring` (see `TeacherConfig.scoring`): `shared_prefix` computes
+    the prefix of requests that share a prompt and images once, each engine in its own way; `auto` does so where the
+    engine and model support it."""
     resolved = resolve_engine_kind(kind)
     common = dict(dtype=model.dtype, min_pixels=model.min_pixels, max_pixels=model.max_pixels)
     if resolved == "vllm":
@@ -84,6 +71,7 @@ def create_engine(
             seed=seed,
             trust_remote_code=model.trust_remote_code,
             worker_extension=worker_extension,
+            scoring=scoring,
             **common,
         )
     from vzero.engines.hf import HFEngine

