@@ -20,7 +20,9 @@ Contract: rows are (prompt_ids with one image pad per image, encoded image(s) in
 objects, the cheap case callers get by encoding an image once, or equal pixel values).
 Outputs are `ResponseLogprobs` in the callers' row order, the same layout as `response_logprobs`. Needs a
 transformers Qwen-VL ``...ForConditionalGeneration`` (``.model``, ``.model.get_rope_index``, output embeddings);
-`shared_prefix_routes` says which routes are exact for a model. Knows nothing about engines, Ray or losses.
+the family table says which routes are exact for a model (`shared_prefix_routes`): both for attention-only
+decoders; ``cache`` only for Qwen3.5, whose Gated DeltaNet layers' conv and recurrent states after the prefix are
+indexed to the rows like the keys/values. Knows nothing about engines, Ray or losses.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from typing import Literal
 import torch
 
 from vzero.logprobs import ResponseLogprobs
+from vzero.models.families import family_of, family_of_config
 from vzero.vlm_inputs import EncodedImage, Images, expand_image_pads
 
 Route = Literal["cache", "packed"]
@@ -167,22 +170,10 @@ def collate_shared(rows: list[Row], *, pad_id: int, image_pad_id: int) -> Shared
 
 
 def shared_prefix_routes(model: torch.nn.Module | str | Path) -> tuple[Route, ...]:
-    """The routes that are exact for a model (or a model directory's config), from its decoder's layer kinds.
-
-    Attention-only decoders: both. With linear-attention layers (Qwen3.5's Gated DeltaNet) only ``cache``: their conv
-    and recurrent state after the prefix is copied to every row like the keys/values, while a packed row would carry
-    one response's state into the next. Any other layer kind: none (the caller uses the unshared forward)."""
+    """The routes exact for a model (or model directory), preferred first: its family's `shared_prefix_routes`."""
     if isinstance(model, (str, Path)):
-        from transformers import AutoConfig
-
-        config = AutoConfig.from_pretrained(str(model), local_files_only=True)
-    else:
-        config = model.config
-    text_config = getattr(config, "text_config", config)
-    kinds = set(getattr(text_config, "layer_types", None) or ())
-    if not kinds or not kinds <= {"full_attention", "linear_attention"}:
-        return ()
-    return ("cache",) if "linear_attention" in kinds else ROUTES
+        return family_of(model).shared_prefix_routes  # type: ignore[return-value]
+    return family_of_config({"model_type": model.config.model_type}).shared_prefix_routes  # type: ignore[return-value]
 
 
 def prefix_positions(model: torch.nn.Module, batch: SharedBatch) -> tuple[torch.Tensor, torch.Tensor]:

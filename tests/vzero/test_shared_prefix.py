@@ -1,12 +1,15 @@
-"""Shared-prefix teacher forcing equals the unshared forward, in values and in gradients, for both routes.
+"""Shared-prefix teacher forcing equals the unshared forward, in values and in gradients, per family and route.
 
-Invariants: each (prompt, image) prefix is computed once (one image per group in the batch) and the per-token
-log-probs / top-k equal `response_logprobs` on the same rows (≤ 1e-4, float32; measured ~5e-7); the gradients of
-a loss through them equal the unshared backward (≤ 1e-5, measured ~4e-6 on |g| ~ 10), vision tower included; chunks
-keep groups whole. Real tiny random-init models of each supported family, no mocks.
+Invariants: each (prompt, images) prefix is computed once (each group's images once in the batch) and the per-token
+log-probs / top-k / logits equal `response_logprobs` on the same rows (≤ 1e-4, float32; measured ≤ 1e-6 in every
+family); the gradients of a loss through them equal the unshared backward (≤ 1e-5; measured ≤ 8e-6 on |g| ~ 10),
+vision tower included; a route that is not exact for a family (packed for Qwen3.5's recurrent layers) is refused;
+chunks keep groups whole. Real tiny random-init models of every supported family, no mocks.
 """
 
 from __future__ import annotations
+
+import copy
 
 import numpy as np
 import pytest
@@ -14,6 +17,7 @@ import torch
 from PIL import Image
 
 from vzero.logprobs import response_logprobs
+from vzero.models.families import ARCHS, get_family
 from vzero.models.loading import load_model, load_processor
 from vzero.shared_prefix import (
     ROUTES,
@@ -25,31 +29,36 @@ from vzero.shared_prefix import (
 )
 from vzero.vlm_inputs import ImageEncoder, chat_prompt_ids, collate
 
-ARCHS = ("qwen2_vl", "qwen2_5_vl")
+CASES = [(arch, route) for arch in ARCHS for route in get_family(arch).shared_prefix_routes]
 
 
 @pytest.fixture(scope="module")
 def models(tiny_model, tmp_path_factory):
-    """arch -> (model, tokenizer, image encoder); qwen2_vl reuses the session model."""
+    """arch -> (model, tokenizer, image encoder at 4..16 tokens per image); qwen2_vl reuses the session model."""
     from vzero.models.tiny import build_model
 
-    dirs = {"qwen2_vl": tiny_model}
-    dirs["qwen2_5_vl"] = build_model(tmp_path_factory.mktemp("sp") / "q25", arch="qwen2_5_vl", preset="tiny", seed=1)
     out = {}
-    for arch, d in dirs.items():
-        proc = load_processor(d)
-        model = load_model(d, dtype="float32", device="cpu")
-        out[arch] = (model, proc.tokenizer, ImageEncoder(proc.image_processor, min_pixels=56 * 56, max_pixels=112**2))
+    for arch in ARCHS:
+        d = tiny_model if arch == "qwen2_vl" else build_model(tmp_path_factory.mktemp(arch), arch=arch, seed=1)
+        proc, family = load_processor(d), get_family(arch)
+        pix = {"min_pixels": family.pixels_for_tokens(2), "max_pixels": family.pixels_for_tokens(4)}
+        out[arch] = (
+            load_model(d, dtype="float32", device="cpu"),
+            proc.tokenizer,
+            ImageEncoder(proc.image_processor, **pix),
+        )
     return out
 
 
 def _rows(tok, enc, seed: int = 0):
-    """3 groups with different image sizes and question lengths, 1-4 responses each, lengths 1..9, interleaved."""
+    """3 groups with different image sizes and question lengths, the last with two images, 1-4 responses each,
+    lengths 1..9, interleaved."""
     rng = np.random.RandomState(seed)
     groups = []
     for g in range(3):
-        img = Image.fromarray((rng.rand(84 + 28 * g, 112, 3) * 255).astype("uint8"))
-        groups.append((chat_prompt_ids(tok, "What is in the box?" + " Look closely." * g), enc(img)))
+        imgs = [enc(Image.fromarray((rng.rand(84 + 28 * g, 112, 3) * 255).astype("uint8"))) for _ in range(1 + g // 2)]
+        question = "What is in the box?" + " Look closely." * g
+        groups.append((chat_prompt_ids(tok, question, images=len(imgs)), imgs))
     rows = []
     for j in range(4):
         for g, (ids, e) in enumerate(groups):
@@ -60,7 +69,7 @@ def _rows(tok, enc, seed: int = 0):
 
 
 def _ids(tok):
-    return {"pad_id": tok.pad_token_id, "image_pad_id": tok.convert_tokens_to_ids("<|image_pad|>")}
+    return {"pad_id": tok.pad_token_id or 0, "image_pad_id": tok.convert_tokens_to_ids("<|image_pad|>")}
 
 
 def test_each_prefix_and_image_is_in_the_batch_once(models) -> None:
@@ -68,15 +77,15 @@ def test_each_prefix_and_image_is_in_the_batch_once(models) -> None:
     rows = _rows(tok, enc)
     batch = collate_shared(rows, **_ids(tok))
     assert batch.num_groups == 3 and group_index(rows) == batch.row_group.tolist()
-    assert batch.image_grid_thw.shape[0] == 3
-    assert batch.pixel_values.shape[0] == sum(int(e.grid_thw.prod()) for e in {id(r[1]): r[1] for r in rows}.values())
+    images = {id(e): e for r in rows for e in r[1]}  # each group's images, once
+    assert batch.image_grid_thw.shape[0] == len(images) == 4
+    assert batch.pixel_values.shape[0] == sum(int(e.grid_thw.prod()) for e in images.values())
     unshared = collate(rows, **_ids(tok))
     assert batch.num_tokens < unshared.num_tokens
     assert batch.num_tokens == int(batch.prefix_mask.sum()) + sum(len(r[2]) for r in rows)
 
 
-@pytest.mark.parametrize("route", ROUTES)
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize(("arch", "route"), CASES)
 def test_shared_prefix_logprobs_equal_the_unshared_forward(models, arch, route) -> None:
     model, tok, enc = models[arch]
     model.eval()
@@ -116,8 +125,7 @@ def _grads(model, lp) -> tuple[float, dict[str, torch.Tensor]]:
     return float(loss), grads
 
 
-@pytest.mark.parametrize("route", ROUTES)
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize(("arch", "route"), CASES)
 def test_shared_prefix_gradients_equal_the_unshared_backward(models, arch, route) -> None:
     model, tok, enc = models[arch]
     model.train()
@@ -140,5 +148,20 @@ def test_group_chunks_keep_groups_whole_and_split_only_oversized_groups() -> Non
     assert [len(c) for c in chunks[2:]] == [4, 1]  # group 3 has 5 rows: cut into 4 + 1
 
 
-def test_attention_only_families_support_both_routes(models) -> None:
-    assert all(shared_prefix_routes(models[a][0]) == ROUTES for a in ARCHS)
+def test_equal_pixels_share_a_group_like_the_same_image_object(models) -> None:
+    _, tok, enc = models["qwen2_vl"]
+    rows = _rows(tok, enc)
+    twin = [(p, [copy.deepcopy(e) for e in imgs], r) for p, imgs, r in rows]
+    assert group_index(rows + twin) == group_index(rows) * 2
+
+
+def test_routes_come_from_the_family_and_packed_is_refused_for_recurrent_layers(models) -> None:
+    assert {a: shared_prefix_routes(models[a][0]) for a in ARCHS} == {
+        "qwen2_vl": ROUTES,
+        "qwen2_5_vl": ROUTES,
+        "qwen3_vl": ROUTES,
+        "qwen3_5": ("cache",),
+    }
+    model, tok, enc = models["qwen3_5"]
+    with pytest.raises(ValueError, match="route 'packed' is not exact for this model"):
+        shared_prefix_logprobs(model, collate_shared(_rows(tok, enc), **_ids(tok)), route="packed")
