@@ -239,9 +239,12 @@ def learner_rows(model, encoder, tok, groups, reps: int, device: str) -> dict[st
 
 
 def run(a: argparse.Namespace) -> dict[str, Any]:
+    import gc
+
     import torch
 
     from vzero.engines.hf import HFEngine
+    from vzero.models.loading import load_model
     from vzero.models.tiny import build_model
 
     if a.threads:
@@ -249,12 +252,16 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     Clock.cpu_time = a.device == "cpu"
     work = Path(tempfile.mkdtemp(prefix="vzero-shared-prefix-"))
     model_dir = build_model(work / "model", arch=a.arch, preset=a.preset, seed=0, device=a.device)
-    side = _side(a.image_tokens)
-    pix = {"min_pixels": 56 * 56, "max_pixels": max(side, _side(max(a.sweep_image_tokens or [1]))) ** 2}
+    side = max(_side(a.image_tokens), *(_side(t) for t in a.sweep_image_tokens))
+    pix = {"min_pixels": 56 * 56, "max_pixels": side**2}
     hf = HFEngine(str(model_dir), device=a.device, batch_size=a.teacher_batch, scoring="shared_prefix", **pix)
-    vocab = hf.model.get_output_embeddings().weight.shape[0]
-    tok = hf.tokenizer
-    groups = make_groups(tok, vocab, prompts=a.prompts, n=a.n, max_tokens=a.max_tokens, image_tokens=a.image_tokens)
+    vocab, tok = hf.model.get_output_embeddings().weight.shape[0], hf.tokenizer
+    sizes = {"prompts": a.prompts, "n": a.n, "max_tokens": a.max_tokens, "image_tokens": a.image_tokens}
+    sweeps = [
+        ("image_tokens", t, {**sizes, "prompts": a.sweep_prompts, "image_tokens": t}) for t in a.sweep_image_tokens
+    ]
+    sweeps += [("n", n, {**sizes, "prompts": a.sweep_prompts, "n": n}) for n in a.sweep_n]
+    groups = make_groups(tok, vocab, **sizes)
     res: dict[str, Any] = {}
     vllm = None
     if not a.no_vllm:
@@ -262,31 +269,35 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         from vzero.engines.vllm import VLLMEngine
 
         longest = len(groups[0][0]) + max(a.image_tokens, *a.sweep_image_tokens) + a.max_tokens + 64
-        opts = VLLMOptions(max_model_len=256 * math.ceil(longest / 256), max_num_seqs=64)
+        opts = VLLMOptions(max_model_len=256 * math.ceil(longest / 256), max_num_seqs=64, gpu_memory_utilization=0.3)
         t = time.perf_counter()
         vllm = VLLMEngine(str(model_dir), device=a.device, options=opts, scoring="shared_prefix", **pix)
         res["vllm_start_seconds"] = time.perf_counter() - t
-    res["teacher"] = teacher_rows(hf, vllm, groups, a.reps)
-    # the learner trains a copy of the same random-init model (fp32 master weights, as the learner's default)
-    from vzero.models.loading import load_model
-
-    student = load_model(str(model_dir), dtype="float32", device=a.device)
-    res["learner"] = learner_rows(student, hf.encoder, tok, groups, a.reps, a.device)
-    sweep: dict[str, Any] = {"image_tokens": {}, "n": {}}
     reps = max(1, a.reps - 1)
-    for image_tokens in a.sweep_image_tokens:
-        g = make_groups(tok, vocab, prompts=a.sweep_prompts, n=a.n, max_tokens=a.max_tokens, image_tokens=image_tokens)
-        sweep["image_tokens"][str(image_tokens)] = _ratios(hf, vllm, student, tok, g, reps, a.device)
-    for n in a.sweep_n:
-        g = make_groups(tok, vocab, prompts=a.sweep_prompts, n=n, max_tokens=a.max_tokens, image_tokens=a.image_tokens)
-        sweep["n"][str(n)] = _ratios(hf, vllm, student, tok, g, reps, a.device)
+    res["teacher"] = teacher_rows(hf, vllm, groups, a.reps)
+    sweep_groups = {(kind, v): make_groups(tok, vocab, **sz) for kind, v, sz in sweeps}
+    teacher_sweep = {key: teacher_rows(hf, vllm, g, reps) for key, g in sweep_groups.items()}
+    if vllm is not None:  # the learner's memory next (a GPU holds one of them comfortably, not both)
+        vllm.close()
+        del vllm
+    del hf
+    gc.collect()
+    # The learner trains the same random-init model: fp32 master weights on CPU (the default), bf16 on GPU (what
+    # lets a 3b learner fit next to nothing else: learner.param_dtype=bfloat16).
+    student = load_model(str(model_dir), dtype="float32" if a.device == "cpu" else "bfloat16", device=a.device)
+    from vzero.models.loading import load_processor
+    from vzero.vlm_inputs import ImageEncoder
+
+    encoder = ImageEncoder(load_processor(str(model_dir)).image_processor, **pix)
+    res["learner"] = learner_rows(student, encoder, tok, groups, a.reps, a.device)
+    sweep: dict[str, Any] = {"image_tokens": {}, "n": {}}
+    for (kind, v), g in sweep_groups.items():
+        sweep[kind][str(v)] = _ratios(teacher_sweep[(kind, v)], learner_rows(student, encoder, tok, g, reps, a.device))
     res["sweep"] = sweep
     return res
 
 
-def _ratios(hf, vllm, student, tok, groups, reps: int, device: str) -> dict[str, float]:
-    t = teacher_rows(hf, vllm, groups, reps)
-    lr = learner_rows(student, hf.encoder, tok, groups, reps, device)
+def _ratios(t: dict[str, Any], lr: dict[str, Any]) -> dict[str, float]:
     rates = {f"teacher_{k}_tokens_per_s": v["tokens_per_s"] for k, v in t.items() if isinstance(v, dict)}
     ratios = {f"teacher_{k}": v for k, v in t.items() if k.endswith(("_over_raw_vllm", "_over_per_request"))}
     return {
