@@ -38,6 +38,8 @@ class Sampler:
             seed=cfg.seed + rank,
             batch_size=cfg.rollout.hf_batch_size,
             worker_extension="actors.weight_receiver.WeightReceiverExtension",
+            # Away from temperature 1, lp_old must be the log-prob of the distribution actually sampled (PPO ratio).
+            processed_logprobs=cfg.rollout.temperature != 1.0,
         )
         self.tokenizer = self.engine.tokenizer
         self.version = 0

@@ -2,6 +2,7 @@
 
 vzero train --config configs/tiny-cpu.yaml steps=3 output_dir=runs/x     # key.sub=value overrides
 vzero train --config ... --resume                                        # continue from the last checkpoint
+vzero train --config ... --overwrite                                     # delete output_dir's old run first
 vzero data synth|check|import-vzero ...
 vzero model tiny --out DIR [--arch qwen2_vl|qwen2_5_vl|qwen3_vl|qwen3_5] [--preset tiny|small|3b|4b]
 vzero report RUN_DIR [--out DIR]                                         # the run as an HTML page
@@ -41,7 +42,11 @@ def _train(args: argparse.Namespace) -> int:
     prepare_inputs(cfg)  # before the driver's heavy imports: a user error is reported in seconds
     from vzero.driver import train
 
-    train(cfg, resume=args.resume)
+    try:
+        train(cfg, resume=args.resume, overwrite=args.overwrite)
+    except ConfigError as exc:  # refused at startup (e.g. output_dir holds another run), before any actor starts
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -50,7 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="run a V-Zero training job (local Ray cluster or the one you are in)")
     t.add_argument("--config", help="YAML config (see configs/)")
-    t.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    again = t.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    again.add_argument(
+        "--overwrite", action="store_true", help="delete the outputs of a run already in output_dir, then start fresh"
+    )
     t.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. rollout.n=4 steps=3")
     t.set_defaults(func=_train)
     for name in COMMAND_MODULES:

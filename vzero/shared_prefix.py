@@ -34,7 +34,7 @@ from typing import Literal
 
 import torch
 
-from vzero.logprobs import ResponseLogprobs
+from vzero.logprobs import ResponseLogprobs, token_logprobs
 from vzero.models.families import family_of, family_of_config
 from vzero.vlm_inputs import EncodedImage, Images, expand_image_pads
 
@@ -197,8 +197,11 @@ def shared_prefix_logprobs(
     route: Route = "cache",
     topk: int = 0,
     return_logits: bool = False,
+    temperature: float = 1.0,
+    banned_ids: list[int] | None = None,
 ) -> ResponseLogprobs:
-    """Teacher-forced log-probs of every row's response, each prefix computed once. Gradients flow iff enabled."""
+    """Teacher-forced log-probs of every row's response, each prefix computed once. Gradients flow iff enabled.
+    Options as `response_logprobs` (the sampled distribution at `temperature`, with `banned_ids` masked)."""
     R, T = batch.response_ids.shape
     device = batch.response_ids.device
     if T == 0:
@@ -210,12 +213,12 @@ def shared_prefix_logprobs(
         )
     hidden = _cache_hidden(model, batch) if route == "cache" else _packed_hidden(model, batch)
     logits = model.get_output_embeddings()(hidden).float()  # [R, T, V]: position t predicts response token t
-    logp = torch.log_softmax(logits, dim=-1)
-    token_lp = logp.gather(-1, batch.response_ids.unsqueeze(-1)).squeeze(-1)
+    token_lp, top_vals, top_ids = token_logprobs(
+        logits, batch.response_ids, topk=topk, temperature=temperature, banned_ids=banned_ids
+    )
     mask = torch.arange(T, device=device)[None, :] < torch.tensor(batch.response_lengths, device=device)[:, None]
-    res = ResponseLogprobs(token_lp * mask, mask)
-    if topk:
-        res.topk_logprobs, res.topk_ids = logp.topk(topk, dim=-1)
+    # where, not a product: a padding position may hold a banned id (-inf), and -inf * 0 is NaN
+    res = ResponseLogprobs(torch.where(mask, token_lp, 0.0), mask, topk_ids=top_ids, topk_logprobs=top_vals)
     if return_logits:
         res.logits = logits
     return res

@@ -101,6 +101,20 @@ def test_shared_prefix_logprobs_equal_the_unshared_forward(models, arch, route) 
     torch.testing.assert_close(res.logits[m], ref.logits[m], atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("route", ROUTES)
+def test_tempered_logprobs_with_banned_ids_equal_the_unshared_forward(models, route) -> None:
+    """The learner's policy log-probs at a sampling temperature != 1 (banned ids at -inf), padding included."""
+    model, tok, enc = models["qwen2_5_vl"]
+    model.eval()
+    rows = _rows(tok, enc, seed=4)
+    opts = {"temperature": 0.7, "banned_ids": [tok.pad_token_id or 0, *range(500, 512)]}
+    with torch.no_grad():
+        ref = response_logprobs(model, collate(rows, **_ids(tok)), **opts)
+        res = shared_prefix_logprobs(model, collate_shared(rows, **_ids(tok)), route=route, **opts)
+    assert torch.isfinite(res.logprobs).all()
+    torch.testing.assert_close(res.logprobs, ref.logprobs, atol=1e-4, rtol=0)
+
+
 def test_packed_route_with_eager_attention_equals_the_unshared_forward(models) -> None:
     """The packed route's 4-D mask is additive for eager attention (bool for sdpa): same numbers."""
     model, tok, enc = models["qwen2_vl"]

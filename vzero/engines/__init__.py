@@ -51,16 +51,23 @@ def create_engine(
     seed: int = 0,
     batch_size: int = 16,
     worker_extension: str | None = None,
+    processed_logprobs: bool = False,
     scoring: str = "per_request",
 ) -> Engine:
     """Build the engine for `model` on `device` ("cpu" or "cuda").
 
     `worker_extension` names the vLLM worker-extension class that receives weight pushes (samplers pass theirs;
-    the core does not know the receiver's home). `scoring` (see `TeacherConfig.scoring`): `shared_prefix` computes
-    the prefix of requests that share a prompt and images once, each engine in its own way; `auto` does so where the
-    engine and model support it."""
+    the core does not know the receiver's home). `processed_logprobs` makes `generate` report the log-probs of the
+    distribution sampled (after temperature and the banned ids) instead of the raw ones. `scoring` (see
+    `TeacherConfig.scoring`): `shared_prefix` computes the prefix of requests that share a prompt and images once,
+    each engine in its own way; `auto` does so where the engine and model support it."""
     resolved = resolve_engine_kind(kind)
-    common = dict(dtype=model.dtype, min_pixels=model.min_pixels, max_pixels=model.max_pixels)
+    common = dict(
+        dtype=model.dtype,
+        min_pixels=model.min_pixels,
+        max_pixels=model.max_pixels,
+        processed_logprobs=processed_logprobs,
+    )
     if resolved == "vllm":
         from vzero.engines.vllm import VLLMEngine
 

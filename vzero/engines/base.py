@@ -3,7 +3,10 @@
 Samplers call `generate`, the gating actor calls `score`, both receive new weights through `load_weights`. Requests
 carry prompt ids with ONE image pad per image plus the PIL images in pad order (e.g. [full image, crop] for a teacher
 that sees both); engines do their own image expansion and refuse a request whose pad count differs from its image
-count. Log-probs are raw (log_softmax of the logits at temperature 1), the same quantity on every engine.
+count. Log-probs are raw (log_softmax of the logits at temperature 1), the same quantity on every engine, except the
+sampled-token log-probs of an engine built with `processed_logprobs`: those of the distribution sampled,
+log_softmax((logits with the banned ids at -inf) / temperature), which a learner recomputes with
+`response_logprobs(temperature=...)`.
 
 Knows nothing about Ray, the gate or the loss.
 """

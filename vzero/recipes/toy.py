@@ -291,7 +291,8 @@ def eval_curve(plan: ToyPlan, run: Path, data: Path, base: dict[str, Any]) -> li
 def _gate_summary(run: Path) -> dict[str, float]:
     metrics = read_metrics(run / "metrics.jsonl")
     keys = ("gate/weight_mean", "gate/frac_at_w_min", "gate/frac_delta_pos", "gate/delta_mean", "loss")
-    out = {k: statistics.fmean(m[k] for m in metrics) for k in keys}
+    # With the gate off (opd) the gate's statistics are logged as gate_would/* (gate/weight_* are the applied 1s).
+    out = {k: statistics.fmean(m.get(k.replace("gate/", "gate_would/"), m.get(k)) for m in metrics) for k in keys}
     out["step_seconds_mean"] = statistics.fmean(m["step/seconds"] for m in metrics)
     return out
 

@@ -3,9 +3,8 @@
 A run directory is one with a config.yaml or a metrics.jsonl (the driver writes config.yaml before any actor starts).
 Everything else is optional: each thing that is missing or unreadable adds a line to `RunData.notes`.
 
-Step numbers are those of metrics.jsonl (`step` = learner updates completed, 1-based). trajectory_log names its
-files after the 0-based index of the step that sampled them, so metrics step k's trajectories are step_{k-1}.parquet;
-`trajectory_files` maps metrics steps to files so nothing else has to know that.
+Step numbers are those of metrics.jsonl (`step` = learner updates completed, 1-based); trajectory_log names its files
+with the same number, so metrics step k's trajectories are step_00000k.parquet.
 """
 
 from __future__ import annotations
@@ -162,7 +161,7 @@ def trajectory_files(directory: Path, notes: list[str]) -> dict[int, Path]:
     for p in directory.iterdir():
         m = STEP_FILE.match(p.name)
         if m:
-            files[int(m.group(1)) + 1] = p  # file index is 0-based (see module docstring)
+            files[int(m.group(1))] = p
     if not files:
         notes.append("trajectories/ holds no step files yet")
     return dict(sorted(files.items()))

@@ -15,8 +15,8 @@ import torch
 from PIL import Image
 
 from vzero.config import ChatOptions
+from vzero.models.compat import tokenizer_mismatch
 from vzero.models.families import FAMILIES, get_family
-from vzero.models.loading import check_same_vocabulary
 from vzero.models.presets import ARCHS, get_preset
 from vzero.models.tiny import build_processor
 from vzero.models.tokenizer import build_tokenizer
@@ -119,9 +119,8 @@ def test_families_with_the_same_tokens_share_a_vocabulary(tokenizers) -> None:
     `<think>`, so a Qwen3.5 teacher for it is refused before any step runs."""
     same = [a for a in ARCHS if FAMILIES[a].extra_tokens == FAMILIES["qwen3_5"].extra_tokens]
     assert set(same) == {"qwen3_vl", "qwen3_5"}
-    check_same_vocabulary(tokenizers["qwen3_vl"], tokenizers["qwen3_5"])
-    check_same_vocabulary(tokenizers["qwen2_vl"], tokenizers["qwen2_5_vl"])
+    assert tokenizer_mismatch(tokenizers["qwen3_vl"], tokenizers["qwen3_5"]) is None
+    assert tokenizer_mismatch(tokenizers["qwen2_vl"], tokenizers["qwen2_5_vl"]) is None
     text = "What color is the small square? red<|im_end|>"
     assert tokenizers["qwen3_vl"].encode(text) == tokenizers["qwen3_5"].encode(text)
-    with pytest.raises(ValueError, match="tokenizers differ"):
-        check_same_vocabulary(tokenizers["qwen2_vl"], tokenizers["qwen3_5"])
+    assert "token ids differ" in tokenizer_mismatch(tokenizers["qwen2_vl"], tokenizers["qwen3_5"])
