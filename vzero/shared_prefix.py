@@ -28,6 +28,7 @@ indexed to the rows like the keys/values. Knows nothing about engines, Ray or lo
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -133,6 +134,28 @@ def group_chunks(groups: list[int], max_rows: int) -> list[list[int]]:
     return chunks
 
 
+def computed_positions(
+    prefix_lengths: Sequence[int], response_lengths: Sequence[int], groups: Sequence[int], route: Route | None
+) -> int:
+    """Positions one forward over these rows computes, padding included (what activation memory scales with).
+
+    Unshared (`route` None): rows x longest prefix + response. ``cache``: groups x longest prefix + rows x longest
+    response. ``packed``: groups x longest (prefix + its responses). Row i has prefix length prefix_lengths[i]
+    (image tokens included), response_lengths[i] tokens, and group groups[i]."""
+    if not prefix_lengths:
+        return 0
+    if route is None:
+        return len(prefix_lengths) * max(p + t for p, t in zip(prefix_lengths, response_lengths, strict=True))
+    prefix: dict[int, int] = {}
+    packed: dict[int, int] = {}
+    for p, t, g in zip(prefix_lengths, response_lengths, groups, strict=True):
+        prefix[g] = p
+        packed[g] = packed.get(g, p) + t
+    if route == "cache":
+        return len(prefix) * max(prefix.values()) + len(response_lengths) * max(response_lengths)
+    return len(packed) * max(packed.values())
+
+
 def collate_shared(rows: list[Row], *, pad_id: int, image_pad_id: int) -> SharedBatch:
     """Rows -> one prefix per group (left-padded, so every prefix ends at the last column) + right-padded responses."""
     groups = group_index(rows)
@@ -170,7 +193,8 @@ def collate_shared(rows: list[Row], *, pad_id: int, image_pad_id: int) -> Shared
 
 
 def shared_prefix_routes(model: torch.nn.Module | str | Path) -> tuple[Route, ...]:
-    """The routes exact for a model (or model directory), preferred first: its family's `shared_prefix_routes`."""
+    """The routes exact for a model (or model directory), preferred first: its family's `shared_prefix_routes`.
+    (Training with gradient checkpointing rules out ``cache``: checkpointed layers drop the cache.)"""
     if isinstance(model, (str, Path)):
         return family_of(model).shared_prefix_routes  # type: ignore[return-value]
     return family_of_config({"model_type": model.config.model_type}).shared_prefix_routes  # type: ignore[return-value]
@@ -211,8 +235,12 @@ def shared_prefix_logprobs(
         raise ValueError(
             f"shared-prefix route {route!r} is not exact for this model; it supports {shared_prefix_routes(model)}"
         )
-    hidden = _cache_hidden(model, batch) if route == "cache" else _packed_hidden(model, batch)
-    logits = model.get_output_embeddings()(hidden).float()  # [R, T, V]: position t predicts response token t
+    if route == "cache" and model.training and getattr(model, "is_gradient_checkpointing", False):
+        # checkpointed decoder layers drop `past_key_values`: the responses would not see the prefix at all
+        raise ValueError("the cache route cannot run under gradient checkpointing; use route 'packed' or unshared")
+    # [R, T, V]: row r's column t predicts its response token t. Root-module forwards (not `model.model`), so
+    # wrappers that hook the root (FSDP2's unshard, output processing) see the usual calls.
+    logits = (_cache_logits if route == "cache" else _packed_logits)(model, batch).float()
     token_lp, top_vals, top_ids = token_logprobs(
         logits, batch.response_ids, topk=topk, temperature=temperature, banned_ids=banned_ids
     )
@@ -224,10 +252,10 @@ def shared_prefix_logprobs(
     return res
 
 
-def _cache_hidden(model: torch.nn.Module, batch: SharedBatch) -> torch.Tensor:
-    """Route ``cache``: prefix forward with a cache, cache indexed to rows, response forward -> hidden [R, T, H]."""
+def _cache_logits(model: torch.nn.Module, batch: SharedBatch) -> torch.Tensor:
+    """Route ``cache``: prefix forward with a cache, cache indexed to rows, response forward -> logits [R, T, V]."""
     pos, nxt = prefix_positions(model, batch)
-    out = model.model(
+    out = model(
         input_ids=batch.prefix_ids,
         attention_mask=batch.prefix_mask,
         position_ids=pos,
@@ -235,6 +263,7 @@ def _cache_hidden(model: torch.nn.Module, batch: SharedBatch) -> torch.Tensor:
         pixel_values=batch.pixel_values,
         image_grid_thw=batch.image_grid_thw,
         use_cache=True,
+        logits_to_keep=1,  # the last prefix position predicts response token 0
     )
     cache = out.past_key_values
     rows = batch.row_group
@@ -243,15 +272,15 @@ def _cache_hidden(model: torch.nn.Module, batch: SharedBatch) -> torch.Tensor:
     R, T = batch.response_ids.shape
     resp_pos = (nxt[rows][:, None] + torch.arange(T, device=rows.device)[None, :]).expand(3, R, T)
     mask = torch.cat([batch.prefix_mask[rows], torch.ones_like(batch.response_ids)], dim=1)
-    resp = model.model(
+    resp = model(
         input_ids=batch.response_ids,
         attention_mask=mask,
         position_ids=resp_pos,
         past_key_values=cache,
         use_cache=True,
+        logits_to_keep=torch.arange(T - 1, device=rows.device),  # response position t predicts token t + 1
     )
-    last_prefix = out.last_hidden_state[:, -1][rows]  # predicts response token 0
-    return torch.cat([last_prefix[:, None], resp.last_hidden_state[:, : T - 1]], dim=1)
+    return torch.cat([out.logits[:, -1:][rows], resp.logits], dim=1)
 
 
 def _assign_recurrent_states(cache: object) -> None:
@@ -267,8 +296,8 @@ def _assign_recurrent_states(cache: object) -> None:
             layer.update_recurrent_state = functools.partial(assign, layer)
 
 
-def _packed_hidden(model: torch.nn.Module, batch: SharedBatch) -> torch.Tensor:
-    """Route ``packed``: one row per group [left-padded prefix | r_1 | ... | r_k | pad], a 4-D mask -> [R, T, H]."""
+def _packed_logits(model: torch.nn.Module, batch: SharedBatch) -> torch.Tensor:
+    """Route ``packed``: one row per group [left-padded prefix | r_1 | ... | r_k | pad], a 4-D mask -> [R, T, V]."""
     pos, nxt = prefix_positions(model, batch)
     device = batch.prefix_ids.device
     G, P = batch.prefix_ids.shape
@@ -282,7 +311,8 @@ def _packed_hidden(model: torch.nn.Module, batch: SharedBatch) -> torch.Tensor:
     seg[:, :P] = torch.where(batch.prefix_mask.bool(), 0, -1)
     positions = torch.zeros((3, G, L), dtype=pos.dtype, device=device)
     positions[:, :, :P] = pos
-    gather = torch.zeros((R, T), dtype=torch.long, device=device)  # where each row's prediction hidden states sit
+    # Logits are kept from position P - 1 on; gather[r, t] = where row r's token t is predicted, counted from there.
+    gather = torch.zeros((R, T), dtype=torch.long, device=device)
     for g, members in enumerate(per_group):
         start = P
         for k, r in enumerate(members, start=1):
@@ -290,23 +320,22 @@ def _packed_hidden(model: torch.nn.Module, batch: SharedBatch) -> torch.Tensor:
             ids[g, start : start + n] = batch.response_ids[r, :n]
             seg[g, start : start + n] = k
             positions[:, g, start : start + n] = nxt[g] + torch.arange(n, device=device)
-            gather[r, 0] = P - 1  # the last prefix token predicts response token 0
-            gather[r, 1:n] = torch.arange(start, start + n - 1, device=device)
+            gather[r, 1:n] = torch.arange(start - P + 1, start - P + n, device=device)  # token 0: the prefix's last
             start += n
     q, k = seg[:, :, None], seg[:, None, :]
     causal = torch.ones((L, L), dtype=torch.bool, device=device).tril()
     allowed = causal & (q >= 0) & (k >= 0) & ((k == 0) | (k == q))
     allowed |= torch.eye(L, dtype=torch.bool, device=device)  # padding rows see themselves: no all-masked softmax
-    out = model.model(
+    out = model(
         input_ids=ids,
         attention_mask=_as_attention_mask(model, allowed[:, None]),
         position_ids=positions,
         pixel_values=batch.pixel_values,
         image_grid_thw=batch.image_grid_thw,
         use_cache=False,
+        logits_to_keep=torch.arange(P - 1, L - 1, device=device),
     )
-    hidden = out.last_hidden_state  # [G, L, H]
-    return hidden[batch.row_group[:, None], gather]
+    return out.logits[batch.row_group[:, None], gather]  # [G, L - P, V] -> [R, T, V]
 
 
 def _as_attention_mask(model: torch.nn.Module, allowed: torch.Tensor) -> torch.Tensor:
