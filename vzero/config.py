@@ -287,9 +287,16 @@ class LearnerConfig(_Strict):
     micro_batch_size: int = Field(8, ge=1)
     """Trajectories per forward/backward; gradients accumulate over a mini-batch's micro-batches."""
     max_tokens_per_micro_batch: int | None = Field(None, ge=1)
-    """Also cap a micro-batch at this many padded tokens (rows x longest sequence): long responses get smaller
-    micro-batches instead of running out of memory. The loss is the same whatever the split (token-mean over the
-    mini-batch). Unset = no cap. (An out-of-memory error still halves the failing micro-batch and retries.)"""
+    """Also cap a micro-batch at this many padded positions (what its forward computes: rows x longest sequence, or
+    with shared_prefix each prefix once plus the padded responses): long responses get smaller micro-batches instead
+    of running out of memory. The loss is the same whatever the split (token-mean over the mini-batch). Unset = no
+    cap. (An out-of-memory error still halves the failing micro-batch and retries.)"""
+    shared_prefix: bool = True
+    """Compute each prompt's image and question once per micro-batch (vzero/shared_prefix.py): the vision tower
+    once per image, the prefix once per group, its responses attending to the prefix's keys/values (gradients
+    accumulate into both once). Exact (same loss and gradients, tested); measured 4.3x faster steps at 256 image
+    tokens and n = 8 on CPU. Uses the family's preferred route; with gradient_checkpointing the packed one (Qwen3.5,
+    which has no packed route, then runs unshared). Off = one full sequence per trajectory (the authors')."""
     dtype: DType = "auto"
     """Autocast dtype for the forward: auto = bf16 on GPU, fp32 on CPU."""
     param_dtype: Literal["float32", "bfloat16"] = "float32"
