@@ -10,13 +10,15 @@ length in [max_tokens/4, max_tokens] (random ids from the tokenizer's ordinary t
 Teacher rows (scored response tokens/s, both views): raw vLLM `prompt_logprobs=0, max_tokens=1` (per request: vLLM
 computes prompt log-probs without reading its prefix cache), the vLLM engine's shared-prefix scoring (prefixes once,
 then prompt log-probs read the prefix cache), the transformers engine per request and its shared-prefix scoring
-(vzero/shared_prefix.py, routes `cache` and `packed`). Learner rows (seconds per step: micro-batches of n rows =
-one group, forward + k1_pg loss + backward, then AdamW): unshared vs shared (both routes). Each variant runs
-`--reps` times interleaved with the others; the minimum is reported and all times are kept. On CPU the ratios use
+(vzero/shared_prefix.py, routes `cache` and `packed`). Learner rows: seconds per `Learner.train_step` (the project's
+step: default loss, 2 mini-batches, old log-probs recomputed; micro-batch = one group of n rows), unshared vs shared
+(both routes). Each variant runs `--reps` times interleaved with the others; the minimum is reported and all times
+are kept. On CPU the ratios use
 process CPU seconds (one torch thread; vLLM in-process also drops to one): the CI machine is shared with other jobs,
 and wall time there measures the neighbours as much as the code (wall seconds are recorded next to them).
 A sweep over image tokens and n shows how the ratios move (fewer reps).
-Agreement is checked on the way: shared vs per-request log-probs, vLLM vs transformers, shared vs unshared gradients.
+Agreement is checked on the way: shared vs per-request log-probs, vLLM vs transformers, shared vs unshared loss (the
+gradients' equality is a test: tests/vzero/test_shared_prefix.py, tests/learner/test_shared_prefix_learner.py).
 """
 
 from __future__ import annotations
@@ -180,59 +182,66 @@ def teacher_rows(hf, vllm, groups, reps: int) -> dict[str, Any]:
     return rows
 
 
-def learner_rows(model, encoder, tok, groups, reps: int, device: str) -> dict[str, Any]:
-    """Seconds per learner step (micro-batch = one group of n rows; k1_pg loss; AdamW), shared vs unshared."""
-    import torch
+def make_learner(model_dir: Path, pix: dict[str, int], n: int, prompts: int, device: str, threads: int):
+    """The project's Learner on the bench model (default loss, 2 mini-batches where there are 2 prompts, old log-probs
+    recomputed; micro-batch = one group of n rows), lr ~0 so that every variant steps from the same weights."""
+    from learner.learner import Learner
+    from vzero.config import load_config
 
-    from learner.losses import gated_opd_loss
-    from vzero.logprobs import response_logprobs
-    from vzero.shared_prefix import collate_shared, shared_prefix_logprobs
-    from vzero.vlm_inputs import collate
+    over = {
+        "student.path": str(model_dir),
+        "student.build": "null",
+        "student.min_pixels": pix["min_pixels"],
+        "student.max_pixels": pix["max_pixels"],
+        "rollout.n": n,
+        "learner.lr": 1e-12,
+        "learner.micro_batch_size": n,
+        "learner.mini_batches_per_step": min(2, prompts),
+        "learner.resources.num_cpus": max(1, threads),
+    }
+    if device == "cuda":  # bf16 master weights: what lets a 3b learner share a GPU (learner.param_dtype)
+        over.update({"learner.resources.num_gpus": 1, "learner.param_dtype": "bfloat16"})
+    return Learner(load_config(None, [f"{k}={v}" for k, v in over.items()]))
 
-    pad, ipad = tok.pad_token_id, tok.convert_tokens_to_ids("<|image_pad|>")
-    encoded = [encoder(views[0]) for _, views, _ in groups]  # the student's full image, encoded once per prompt
-    micro = [[(ids, enc, r) for r in resp] for (ids, _, resp), enc in zip(groups, encoded, strict=True)]
-    n_valid = sum(len(r) for m in micro for _, _, r in m)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-9)  # tiny lr: the weights stay comparable across variants
-    model.train()
 
-    def step(route: str | None) -> tuple[Clock, dict[str, torch.Tensor]]:
-        clock = Clock().__enter__()
-        opt.zero_grad(set_to_none=True)
-        for rows in micro:
-            if route is None:
-                res = response_logprobs(model, collate(rows, pad_id=pad, image_pad_id=ipad).to(device))
-            else:
-                batch = collate_shared(rows, pad_id=pad, image_pad_id=ipad).to(device)
-                res = shared_prefix_logprobs(model, batch, route=route)
-            lp = res.logprobs
-            old = (lp.detach() + 0.01 * torch.randn_like(lp)).clamp(max=0)
-            teacher = (lp.detach() - 0.3).clamp(max=0)
-            loss, _ = gated_opd_loss(
-                lp, old, teacher, res.mask, torch.ones(lp.shape[0], device=device), num_valid_tokens=n_valid
-            )
-            loss.backward()
-        grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
-        opt.step()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        clock.__exit__()
-        return clock, grads
+def learner_rows(learner, groups, reps: int) -> dict[str, Any]:
+    """Seconds per `Learner.train_step` on the groups' trajectories (student view = the first image), unshared vs
+    shared (both routes), interleaved repetitions; the loss of each variant's last step (same weights)."""
+    import io
 
-    torch.manual_seed(0)
-    step("cache")  # warm-up
+    from vzero.records import Prompt, Trajectory
+
+    rng = np.random.default_rng(1)
+    prompts, trajs = {}, []
+    for g, (ids, views, resp) in enumerate(groups):
+        buf = io.BytesIO()
+        views[0].save(buf, format="PNG")
+        uid = f"p{g}"
+        prompts[uid] = Prompt(uid, buf.getvalue(), f"question {g}", (0.0, 0.0, 8.0, 8.0))
+        for j, r in enumerate(resp):
+            lp = (-rng.random(len(r)) * 3).tolist()
+            trajs.append(Trajectory(uid, j, 0, ids, r, lp, "stop", lp_pos=lp[::-1], weight=1.0))
     variants = {"unshared": None, "shared_prefix_cache": "cache", "shared_prefix_packed": "packed"}
+    learner.shared_route = "cache"
+    learner.train_step(trajs, prompts)  # warm-up
     times: dict[str, list[Clock]] = {k: [] for k in variants}
-    grads: dict[str, dict] = {}
+    metrics: dict[str, dict[str, float]] = {}
     for _ in range(reps):
         for name, route in variants.items():
-            torch.manual_seed(0)
-            clock, grads[name] = step(route)
-            times[name].append(clock)
-    rows: dict[str, Any] = {"micro_batches": len(micro), "response_tokens": n_valid}
+            learner.shared_route = route
+            with Clock() as c:
+                metrics[name] = learner.train_step(trajs, prompts)
+            times[name].append(c)
+    learner.shared_route = "cache"
+    rows: dict[str, Any] = {"trajectories": len(trajs), "response_tokens": sum(t.num_tokens for t in trajs)}
     for name, ts in times.items():
-        diff = max((grads[name][k] - grads["unshared"][k]).abs().max().item() for k in grads["unshared"])
-        rows[name] = {**_summary(ts), "max_abs_grad_diff": diff}
+        m = metrics[name]
+        rows[name] = {
+            **_summary(ts),
+            "loss": m["loss"],
+            "abs_loss_diff_vs_unshared": abs(m["loss"] - metrics["unshared"]["loss"]),
+            "seq_tokens_per_step": m["learner/seq_tokens_per_s"] * m["learner/seconds"],
+        }
     best = min(rows["shared_prefix_cache"]["seconds"], rows["shared_prefix_packed"]["seconds"])
     rows["unshared_over_shared"] = rows["unshared"]["seconds"] / best
     return rows
@@ -244,7 +253,6 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from vzero.engines.hf import HFEngine
-    from vzero.models.loading import load_model
     from vzero.models.tiny import build_model
 
     if a.threads:
@@ -283,16 +291,22 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     del hf
     gc.collect()
     # The learner trains the same random-init model: fp32 master weights on CPU (the default), bf16 on GPU (what
-    # lets a 3b learner fit next to nothing else: learner.param_dtype=bfloat16).
-    student = load_model(str(model_dir), dtype="float32" if a.device == "cpu" else "bfloat16", device=a.device)
-    from vzero.models.loading import load_processor
-    from vzero.vlm_inputs import ImageEncoder
+    # lets a 3b learner fit next to nothing else: learner.param_dtype=bfloat16). One Learner per (n, prompts).
+    learners: dict[tuple[int, int], Any] = {}
 
-    encoder = ImageEncoder(load_processor(str(model_dir)).image_processor, **pix)
-    res["learner"] = learner_rows(student, encoder, tok, groups, a.reps, a.device)
+    def learner(sz: dict[str, int]):
+        key = (sz["n"], sz["prompts"])
+        if key not in learners:
+            learners.clear()
+            gc.collect()
+            learners[key] = make_learner(model_dir, pix, sz["n"], sz["prompts"], a.device, a.threads)
+        return learners[key]
+
+    res["learner"] = learner_rows(learner(sizes), groups, a.reps)
     sweep: dict[str, Any] = {"image_tokens": {}, "n": {}}
-    for (kind, v), g in sweep_groups.items():
-        sweep[kind][str(v)] = _ratios(teacher_sweep[(kind, v)], learner_rows(student, encoder, tok, g, reps, a.device))
+    for kind, v, sz in sweeps:
+        lr = learner_rows(learner(sz), sweep_groups[(kind, v)], reps)
+        sweep[kind][str(v)] = _ratios(teacher_sweep[(kind, v)], lr)
     res["sweep"] = sweep
     return res
 
