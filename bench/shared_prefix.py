@@ -130,14 +130,16 @@ def teacher_rows(hf, vllm, groups, reps: int) -> dict[str, Any]:
     }
     times: dict[str, list[Clock]] = {k: [] for k in variants}
     outputs: dict[str, list] = {}
+    share = vllm is not None and vllm.scoring == "shared_prefix"  # CPU engines (GPU ones score per request)
     if vllm is not None:
         from vllm import SamplingParams
 
         prompts = [vllm._prompt(r, r.prompt_ids + r.response_ids) for r in reqs]
         params = SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False)
         vllm.llm.generate(prompts[:2], params, use_tqdm=False)  # warm-up
-        times["raw_vllm_prompt_logprobs"], times["vllm_shared_prefix"] = [], []
-        cached = []
+        times["raw_vllm_prompt_logprobs"] = []
+        if share:
+            times["vllm_shared_prefix"], cached = [], []
     hf.score(reqs[:2])  # warm-up
     for _ in range(reps):
         if vllm is not None:
@@ -152,8 +154,8 @@ def teacher_rows(hf, vllm, groups, reps: int) -> dict[str, Any]:
                 ]
                 for r, o in zip(reqs, outs, strict=True)
             ]
+        if share:
             vllm.reset_caches()
-            vllm.scoring = "shared_prefix"
             with Clock() as c:
                 res = vllm.score(reqs)
             times["vllm_shared_prefix"].append(c)
@@ -174,11 +176,13 @@ def teacher_rows(hf, vllm, groups, reps: int) -> dict[str, Any]:
     rate = {k: v["tokens_per_s"] for k, v in rows.items() if isinstance(v, dict)}
     best_hf = max(rate["transformers_shared_prefix_cache"], rate["transformers_shared_prefix_packed"])
     rows["transformers_shared_over_per_request"] = best_hf / rate["transformers_per_request"]
-    if vllm is not None:
+    if share:
         rows["vllm_shared_prefix"]["score_stats"] = cached[-1]
         rows["vllm_shared_over_raw_vllm"] = rate["vllm_shared_prefix"] / rate["raw_vllm_prompt_logprobs"]
+    if vllm is not None:
         rows["transformers_shared_over_raw_vllm"] = best_hf / rate["raw_vllm_prompt_logprobs"]
-        rows["best_shared_over_raw_vllm"] = max(best_hf, rate["vllm_shared_prefix"]) / rate["raw_vllm_prompt_logprobs"]
+        best = max(best_hf, rate.get("vllm_shared_prefix", 0.0))
+        rows["best_shared_over_raw_vllm"] = best / rate["raw_vllm_prompt_logprobs"]
     return rows
 
 
@@ -262,7 +266,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     model_dir = build_model(work / "model", arch=a.arch, preset=a.preset, seed=0, device=a.device)
     side = max(_side(a.image_tokens), *(_side(t) for t in a.sweep_image_tokens))
     pix = {"min_pixels": 56 * 56, "max_pixels": side**2}
-    hf = HFEngine(str(model_dir), device=a.device, batch_size=a.teacher_batch, scoring="shared_prefix", **pix)
+    hf = HFEngine(str(model_dir), device=a.device, batch_size=a.teacher_batch, scoring="auto", **pix)
     vocab, tok = hf.model.get_output_embeddings().weight.shape[0], hf.tokenizer
     sizes = {"prompts": a.prompts, "n": a.n, "max_tokens": a.max_tokens, "image_tokens": a.image_tokens}
     sweeps = [
@@ -279,7 +283,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         longest = len(groups[0][0]) + max(a.image_tokens, *a.sweep_image_tokens) + a.max_tokens + 64
         opts = VLLMOptions(max_model_len=256 * math.ceil(longest / 256), max_num_seqs=64, gpu_memory_utilization=0.3)
         t = time.perf_counter()
-        vllm = VLLMEngine(str(model_dir), device=a.device, options=opts, scoring="shared_prefix", **pix)
+        vllm = VLLMEngine(str(model_dir), device=a.device, options=opts, scoring="auto", **pix)
         res["vllm_start_seconds"] = time.perf_counter() - t
     reps = max(1, a.reps - 1)
     res["teacher"] = teacher_rows(hf, vllm, groups, a.reps)

@@ -114,9 +114,9 @@ class VLLMOptions(_Strict):
     """Most images one request may carry (vLLM `limit_mm_per_prompt`; its memory profile assumes this many at the
     largest pixel budget). 2 for a teacher that sees the full image and the crop."""
     block_size: int | None = Field(None, ge=16)
-    """KV-cache block size in tokens (unset = 32 for a CPU engine with shared-prefix scoring, else vLLM's default:
-    16 on GPU, 128 on CPU). The prefix cache shares whole blocks, so smaller blocks share more of each prefix: on
-    CPU, 32 scored a 256-image-token step 2.3-2.5x faster than per request, 128 1.9-2.2x (bench/shared_prefix.py)."""
+    """KV-cache block size in tokens (unset = 32 on CPU, see vzero/engines/vllm.py `_cpu_scheduling`; vLLM's default,
+    16, on GPU). The prefix cache shares whole blocks, so smaller blocks share more of each prompt (bench.cpu: 32
+    halved generate's CPU time against 128)."""
 
 
 class DataSynth(_Strict):
@@ -184,10 +184,10 @@ class TeacherConfig(_Strict):
     """How the replays of one step are computed. `per_request` (the authors'): every (trajectory, view) is its own
     request, so the image and question are recomputed 2n times per prompt (vLLM computes prompt_logprobs without
     prefix caching). `shared_prefix`: each (prompt, view) prefix is computed once and its n responses are scored
-    against it: vLLM warms its prefix cache with the prefixes, then reads it (exact: the same kernels); the
-    transformers engine runs vzero/shared_prefix.py (the prefix's vision tower and key/value once per group).
-    `auto` = shared_prefix where the engine and the model support it, else per_request. Measured on CPU (2 cores,
-    bench/results/shared-prefix-cpu.json): see the README's benchmark table."""
+    against it: a CPU vLLM engine replays one request per prompt, the others read its prefix cache (exact: the same
+    kernels; GPU engines and Qwen3.5 on CPU score per request, see vzero/engines/vllm.py); the transformers engine
+    runs vzero/shared_prefix.py (the prefix's vision tower and key/value once per group). `auto` = shared_prefix
+    where the engine and the model support it, else per_request. Measured on CPU: bench/README.md."""
     resources: ActorResources = ActorResources()
     vllm: VLLMOptions = VLLMOptions()
 
