@@ -294,9 +294,10 @@ class LearnerConfig(_Strict):
     shared_prefix: bool = True
     """Compute each prompt's image and question once per micro-batch (vzero/shared_prefix.py): the vision tower
     once per image, the prefix once per group, its responses attending to the prefix's keys/values (gradients
-    accumulate into both once). Exact (same loss and gradients, tested); measured 4.3x faster steps at 256 image
-    tokens and n = 8 on CPU. Uses the family's preferred route; with gradient_checkpointing the packed one (Qwen3.5,
-    which has no packed route, then runs unshared). Off = one full sequence per trajectory (the authors')."""
+    accumulate into both once). Exact (same loss and gradients, tested); measured 4.4x faster steps at 256 image
+    tokens and n = 8 on CPU (bench/README.md). Uses the family's preferred route; with gradient_checkpointing the
+    packed one (Qwen3.5, which has no packed route, then runs unshared). Off = one full sequence per trajectory (the
+    authors')."""
     dtype: DType = "auto"
     """Autocast dtype for the forward: auto = bf16 on GPU, fp32 on CPU."""
     param_dtype: Literal["float32", "bfloat16"] = "float32"
