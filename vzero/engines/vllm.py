@@ -181,8 +181,9 @@ class VLLMEngine(Engine):
             )
         self.scoring = "shared_prefix" if scoring != "per_request" and can_share else "per_request"
         self.score_stats: dict[str, int] = {}  # last shared-prefix call: prompt tokens read from the cache, redone
-        if options.tensor_parallel_size == 1:
-            kwargs["distributed_executor_backend"] = "uni"
+        # Explicit: inside a placement group (where a TP engine's actor lives, vzero/placement.py) vLLM would pick
+        # "ray". A TP engine spans the actor's tp GPUs on its node with worker processes ("mp").
+        kwargs["distributed_executor_backend"] = "uni" if options.tensor_parallel_size == 1 else "mp"
         if options.block_size:  # an explicit KV block size wins over the CPU default (`_cpu_scheduling`)
             kwargs["block_size"] = options.block_size
         if worker_extension:
@@ -192,6 +193,7 @@ class VLLMEngine(Engine):
         if device == "cpu":
             logging.getLogger("vllm.v1.worker.cpu_worker").addFilter(_NoThreadCountWarnings())
         self.llm = LLM(**kwargs)
+        self.workers = options.tensor_parallel_size
         self.tokenizer = self.llm.get_tokenizer()
         self.image_pad_id = self.tokenizer.convert_tokens_to_ids(IMAGE_PAD)
         banned = banned_token_ids(self.tokenizer, self.llm.llm_engine.model_config.get_vocab_size())
@@ -327,6 +329,16 @@ class VLLMEngine(Engine):
             return self.llm.collective_rpc("vzero_load_weights_from_file", args=(name,))
         finally:
             os.unlink(name)
+
+    def join_weight_group(self, spec, rank_offset: int) -> None:
+        # Every worker joins (a TP engine: all tp of them, concurrently); plain dicts survive a spawned engine core.
+        self.llm.collective_rpc("vzero_join_weight_group", args=(spec.to_wire(), rank_offset))
+
+    def receive_weights(self, plan, version: int, *, load: bool = True) -> int:
+        counts = self.llm.collective_rpc("vzero_receive_weights", args=([b.to_wire() for b in plan], version, load))
+        if load:
+            self.reset_caches()
+        return int(counts[0])
 
     def reset_caches(self) -> None:
         self.llm.reset_prefix_cache()
