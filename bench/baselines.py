@@ -44,7 +44,7 @@ class RawVLLM(_CpuProbe):
             options=VLLMOptions.model_validate_json(options_json),
             min_pixels=min_pixels,
             max_pixels=max_pixels,
-            worker_extension="actors.weight_receiver.WeightReceiverExtension",
+            worker_extension="actors.collective_receiver.CollectiveReceiverExtension",
         )
         self.llm = self.engine.llm
         self.model = model

@@ -78,7 +78,8 @@ def _student_replay(model_dir: Path, cfg, rows: list[dict], data: Path) -> list[
     return [r.logprobs for r in engine.score(reqs)]
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+# qwen2_vl's own run is tests/integration/test_train_loop.py::test_sync_loop_vllm_engines (same checks; CI time).
+@pytest.mark.parametrize("arch", [a for a in ARCHS if a != "qwen2_vl"])
 def test_each_family_runs_three_vzero_steps_on_vllm(ray_local, family_models, synth_data, tmp_path, arch) -> None:
     from vzero.driver import train
 

@@ -138,8 +138,9 @@ class VLLMEngine(Engine):
         processed_logprobs: bool = False,
         scoring: str = "auto",
     ):
-        if options.in_process:
-            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # engine core in this process: weights by reference
+        # Set both ways: an earlier in-process engine of this process (or of the process that started Ray, whose
+        # workers inherit its environment) leaves "0" behind, which would silently put this engine in-process too.
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if options.in_process else "1"
         if device == "cpu":
             _cpu_env(options)
         else:

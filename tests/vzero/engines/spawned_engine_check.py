@@ -26,7 +26,7 @@ def main(path):
         options=VLLMOptions(max_model_len=512, in_process=False),
         min_pixels=3136,
         max_pixels=12544,
-        worker_extension="actors.weight_receiver.WeightReceiverExtension",
+        worker_extension="actors.collective_receiver.CollectiveReceiverExtension",
     )
     print("up", round(time.time() - t, 1))
     img = Image.fromarray((np.random.RandomState(0).rand(100, 120, 3) * 255).astype("uint8"))

@@ -41,7 +41,7 @@ def vllm_engine(tiny_model):
         str(tiny_model),
         device="cpu",
         options=VLLMOptions(max_model_len=1024),
-        worker_extension="actors.weight_receiver.WeightReceiverExtension",
+        worker_extension="actors.collective_receiver.CollectiveReceiverExtension",
         **PIX,
     )
 

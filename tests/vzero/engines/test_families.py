@@ -65,7 +65,7 @@ def engines(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
         path,
         device="cpu",
         options=VLLMOptions(max_model_len=1024, max_images_per_prompt=2),
-        worker_extension="actors.weight_receiver.WeightReceiverExtension",
+        worker_extension="actors.collective_receiver.CollectiveReceiverExtension",
         **pix,
     )
     yield family, vllm_engine, HFEngine(path, batch_size=4, **pix)
