@@ -16,7 +16,13 @@ import sys
 from vzero.config import ConfigError, load_config
 
 # Sub-command modules register themselves; each exposes register(subparsers).
-COMMAND_MODULES = ("vzero.data.commands", "vzero.models.commands", "vzero.eval.commands", "vzero.recipes.commands")
+COMMAND_MODULES = (
+    "vzero.data.commands",
+    "vzero.models.commands",
+    "vzero.eval.commands",
+    "vzero.eval.regate_commands",
+    "vzero.recipes.commands",
+)
 
 
 def _train(args: argparse.Namespace) -> int:
