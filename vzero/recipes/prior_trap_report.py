@@ -1,0 +1,296 @@
+"""The prior-trap report: premises, outcome tables (mean ± std over seeds, paired differences), diagnostics, plots.
+
+Reads only the `results` dict that `vzero.recipes.prior_trap.run_prior_trap` assembles; knows nothing about
+training. Writes results.md, curves.png (accuracy and P-rate against step, per family) and weights.png (applied
+gate weights of P vs non-P samples on trap rows).
+"""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vzero.recipes.prior_trap_data import CONTROL, TRAP
+from vzero.recipes.prior_trap_premises import PREMISE_CHECKS
+from vzero.recipes.report import mean_std
+
+pct = lambda x: "n/a" if x is None else f"{100 * x:.1f}"  # noqa: E731
+num = lambda x, d=2: "n/a" if x is None else f"{x:.{d}f}"  # noqa: E731
+
+# (key, label, getter of one run's value)
+OUTCOMES = (
+    ("trap_p_rate", "trap P-rate (P wrong)", lambda r: r["curve"][-1]["p_rate"][TRAP]),
+    ("trap_accuracy", "trap accuracy", lambda r: r["curve"][-1]["by_family"][TRAP]),
+    ("control_accuracy", "control accuracy", lambda r: r["curve"][-1]["by_family"][CONTROL]),
+    ("control_p_rate", "control P-rate", lambda r: r["curve"][-1]["p_rate"][CONTROL]),
+)
+
+
+def _ms(xs: list[float]) -> str:
+    if not xs:
+        return "n/a"
+    d = mean_std([100 * x for x in xs])
+    return f"{d['mean']:.1f} ± {d['std']:.1f}"
+
+
+def paired(runs: dict[str, dict[str, Any]], method: str, ref: str, get) -> dict[str, float] | None:
+    """Mean and sample std of the per-seed difference method − ref (points), over the seeds both have."""
+    seeds = sorted(set(runs.get(method, {})) & set(runs.get(ref, {})))
+    if not seeds:
+        return None
+    return mean_std([100 * (get(runs[method][s]) - get(runs[ref][s])) for s in seeds])
+
+
+def verdict(results: dict[str, Any]) -> list[str]:
+    """Plain statements computed from the paired differences (a difference counts when |mean| > 2 std / sqrt(n))."""
+    runs, lines = results["runs"], []
+    get_p, get_c = OUTCOMES[0][2], OUTCOMES[2][2]
+    for m in runs:
+        ref = "opd-k3" if m == "best-k3" else "opd"
+        if m in ("opd", "opd-k3") or not runs[m]:
+            continue
+        dp, dc = paired(runs, m, ref, get_p), paired(runs, m, ref, get_c)
+        if dp is None or dc is None:
+            continue
+
+        def call(d: dict[str, float]) -> str:
+            if d["n"] < 2:
+                return "one seed: no conclusion"
+            se = d["std"] / d["n"] ** 0.5
+            if abs(d["mean"]) > 2 * se:
+                return "beyond 2 standard errors"
+            return "within 2 standard errors (no effect shown)"
+
+        lines.append(
+            f"- **{m} vs {ref}**: trap P-rate {dp['mean']:+.1f} points (paired std {dp['std']:.1f}, n={dp['n']}: "
+            f"{call(dp)}); control accuracy {dc['mean']:+.1f} points (std {dc['std']:.1f}: {call(dc)})."
+        )
+    return lines
+
+
+def _premise_lines(prem: dict[str, Any]) -> list[str]:
+    t, c, g = prem[TRAP], prem[CONTROL], prem["simulated_gate"]
+    s = prem["student_init_greedy"]
+    prior = prem["label_prior"]["sft_biased"]
+    rows = [
+        "| quantity | trap family | control family |",
+        "|---|---|---|",
+        f"| labels equal to P in the biased SFT set (%) | {pct(prior[TRAP]['share_answer'])} | "
+        f"{pct(prior[CONTROL]['share_answer'])} |",
+    ]
+    for label, key, view in (
+        ("teacher p(P), evidence crop", "p_trap", "teacher_crop"),
+        ("teacher p(P), negative view", "p_trap", "teacher_neg"),
+        ("teacher p(correct), evidence crop", "p_correct", "teacher_crop"),
+        ("teacher p(correct), negative view", "p_correct", "teacher_neg"),
+        ("teacher argmax = P, evidence crop (%)", "argmax_trap_rate", "teacher_crop"),
+        ("teacher argmax = P, negative view (%)", "argmax_trap_rate", "teacher_neg"),
+        ("teacher argmax accuracy, evidence crop (%)", "argmax_accuracy", "teacher_crop"),
+    ):
+        f = pct if "%" in label else num
+        rows.append(f"| {label} | {f(t[view][key])} | {f(c[view][key])} |")
+    for cls, label in (("trap", "P"), ("correct", "correct"), ("other_wrong", "other wrong")):
+        rows.append(
+            f"| mean Δ(answer = {label}) = lp+ − lp- (share < 0) | {num(t['delta'][cls]['delta_mean'])} "
+            f"({pct(t['delta'][cls]['frac_delta_neg'])} %) | {num(c['delta'][cls]['delta_mean'])} "
+            f"({pct(c['delta'][cls]['frac_delta_neg'])} %) |"
+        )
+    acc, prate = s["by_family"], s["p_rate"]
+    rows.append(f"| student at init: greedy accuracy (%) | {pct(acc[TRAP])} | {pct(acc[CONTROL])} |")
+    rows.append(f"| student at init: greedy P-rate, P wrong (%) | {pct(prate[TRAP])} | {pct(prate[CONTROL])} |")
+    rows.append(
+        f"| student at init: p(P), P wrong | {num(t['student_view_scored']['p_trap'])} | "
+        f"{num(c['student_view_scored']['p_trap'])} |"
+    )
+    gate = ["", "| simulated sequence gate on trap rows (groups of n drawn from the student at init) | w(P) | "
+            "w(correct) | w(other wrong) | at w_min |", "|---|---|---|---|---|"]  # fmt: skip
+    for a, r in g.items():
+        gate.append(
+            f"| α = {a} | {num(r['weight_trap'])} | {num(r['weight_correct'])} | {num(r['weight_other_wrong'])} | "
+            f"{pct(r['frac_at_w_min'])} % |"
+        )
+    share = next(iter(g.values()))["share"]
+    gate.append(
+        f"\nShare of simulated samples: P {pct(share['trap'])} %, correct {pct(share['correct'])} %, other wrong "
+        f"{pct(share['other_wrong'])} %."
+    )
+    checks = ["", "| premise | holds |", "|---|---|"]
+    checks += [f"| {text} | {'yes' if prem['checks'][k] else '**no**'} |" for k, text in PREMISE_CHECKS]
+    return rows + gate + checks
+
+
+def render_markdown(results: dict[str, Any]) -> str:
+    plan, runs = results["plan"], results["runs"]
+    head = "| method | " + " | ".join(label + " (%)" for _, label, _ in OUTCOMES) + " | wall per run (s) |"
+    table = [head, "|---" * (len(OUTCOMES) + 2) + "|"]
+    base = results["premises"]["student_init_greedy"]
+    table.append(
+        f"| student at init | {pct(base['p_rate'][TRAP])} | {pct(base['by_family'][TRAP])} | "
+        f"{pct(base['by_family'][CONTROL])} | {pct(base['p_rate'][CONTROL])} | |"
+    )
+    for m, per in runs.items():
+        cells = [_ms([get(r) for r in per.values()]) for _, _, get in OUTCOMES]
+        wall = mean_std([r["wall_seconds"] for r in per.values()]) if per else None
+        table.append(f"| {m} | " + " | ".join(cells) + " | " + ("" if wall is None else f"{wall['mean']:.0f}") + " |")
+    diffs = ["| method | reference | " + " | ".join(f"Δ {label}" for _, label, _ in OUTCOMES[:3]) + " |"]
+    diffs.append("|---" * 5 + "|")
+    for m in runs:
+        ref = "opd-k3" if m == "best-k3" else "opd"
+        if m in ("opd", "opd-k3"):
+            continue
+        cells = []
+        for _, _, get in OUTCOMES[:3]:
+            d = paired(runs, m, ref, get)
+            cells.append("n/a" if d is None else f"{d['mean']:+.1f} ± {d['std']:.1f}")
+        diffs.append(f"| {m} | {ref} | " + " | ".join(cells) + " |")
+    steps = [p["step"] for p in next(iter(next(iter(runs.values())).values()))["curve"]]
+    curve = ["| method | " + " | ".join(f"step {s}" for s in steps) + " |", "|---" * (len(steps) + 1) + "|"]
+    for m, per in runs.items():
+        pts = [statistics.fmean(r["curve"][i]["p_rate"][TRAP] for r in per.values()) for i in range(len(steps))]
+        curve.append(f"| {m} | " + " | ".join(pct(x) for x in pts) + " |")
+    diag = [
+        "| method | w(P) applied | w(non-P) applied | w(P) gate α=1 | w(correct) gate α=1 | at w_min | "
+        "sampled P share, first → last 10 steps (%) | grad cosine gate vs ones | grad norm ratio |",
+        "|---" * 9 + "|",
+    ]
+    for m, per in runs.items():
+        ds = [r["diagnostics"] for r in per.values()]
+        cells = [
+            num(_over(ds, lambda d: d["trap_weight_p"])),
+            num(_over(ds, lambda d: d["trap_weight_non_p"])),
+            num(_over(ds, lambda d: d["classes"][TRAP]["trap"]["gate_a1"])),
+            num(_over(ds, lambda d: d["classes"][TRAP]["correct"]["gate_a1"])),
+            pct(_over(ds, lambda d: d["frac_at_w_min"])) + " %",
+            f"{pct(_over(ds, lambda d: _p_share(d, slice(0, 10))))} → "
+            f"{pct(_over(ds, lambda d: _p_share(d, slice(-10, None))))}",
+            num(_over(ds, lambda d: _avg([g["cosine"] for g in d["gradients"]])), 3),
+            num(_over(ds, lambda d: _avg([g["norm_ratio"] for g in d["gradients"]])), 3),
+        ]
+        diag.append(f"| {m} | " + " | ".join(cells) + " |")
+    prem_note = (
+        "All premises hold."
+        if not results["premises_failed"]
+        else f"**Premises that fail: {', '.join(results['premises_failed'])}** (the comparison ran anyway)."
+    )
+    return "\n".join(
+        [
+            "# Prior trap: does the evidence gate stop OPD from copying the teacher's prior?",
+            "",
+            f"Command: `{results['command']}` ({results['machine']}; {results['total_seconds'] / 60:.1f} min in all, "
+            "reused pieces not counted again).",
+            "",
+            f"Setup: colour rows only; control question vs trap question, P = `{plan['trap_answer']}`. Teacher = a "
+            f"Qwen2-VL `{plan['preset']}` fine-tuned on evidence crops with clean labels ({plan['teacher_steps']} "
+            f"steps), then {plan['bias_steps']} more steps with {pct(plan['bias_rate'])} % of the trap rows' labels "
+            "replaced by P. Student = the checkpoint before the biased phase, on its window view "
+            f"({plan['context']} x the target side, {plan['student_pixels']} px). Label-free: {plan['steps']} steps x "
+            f"{plan['prompts_per_step']} prompts x n = {plan['n']}, lr {plan['lr']}, {len(plan['seeds'])} seeds, "
+            f"{plan['n_eval']} held-out rows, greedy. Best gated k1 method for the k3 comparison: "
+            f"`{results['best_gate_for_k3']}` (lowest final trap P-rate).",
+            "",
+            "## Premises (held-out rows whose answer is not P; measured before the runs)",
+            "",
+            prem_note,
+            "",
+            *_premise_lines(results["premises"]),
+            "",
+            "## Outcome after the last step (mean ± sample std over seeds)",
+            "",
+            *table,
+            "",
+            "## Paired differences against OPD (points, mean ± std over seeds; best-k3 against opd-k3)",
+            "",
+            *diffs,
+            "",
+            *verdict(results),
+            "",
+            "## Trap P-rate against step (%, seed mean)",
+            "",
+            *curve,
+            "",
+            "![accuracy and P-rate vs step](curves.png)",
+            "",
+            "## Gate diagnostics (trap rows whose answer is not P; means over steps and seeds)",
+            "",
+            "Applied = the weights the run used (1 under OPD). Gate α=1 = what the sequence gate at α = 1 gives the "
+            "same samples (recomputed from the logged teacher log-probs). Gradient columns: cosine between the "
+            "gradient of the run's loss with the gate's weights (ungated runs: the α = 1 sequence gate's) and with "
+            "all weights 1, and the ratio of their norms, at every checkpoint's step.",
+            "",
+            *diag,
+            "",
+            "![weights of P vs non-P samples](weights.png)",
+            "",
+        ]
+    )
+
+
+def _over(ds: list[dict[str, Any]], f) -> float | None:
+    """Mean of f(d) over the runs' diagnostics that have a value."""
+    return _avg([f(d) for d in ds])
+
+
+def _p_share(d: dict[str, Any], sl: slice) -> float | None:
+    return _avg([x["trap_p_share"] for x in d["per_step"][sl]])
+
+
+def _avg(xs: list[float | None]) -> float | None:
+    vals = [x for x in xs if x is not None]
+    return statistics.fmean(vals) if vals else None
+
+
+def write_plots(out: Path, results: dict[str, Any]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = results["runs"]
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
+    panels = (
+        ("trap P-rate, P wrong (%)", lambda p: p["p_rate"][TRAP]),
+        ("trap accuracy (%)", lambda p: p["by_family"][TRAP]),
+        ("control accuracy (%)", lambda p: p["by_family"][CONTROL]),
+    )
+    for ax, (label, get) in zip(axes, panels, strict=True):
+        for m, per in runs.items():
+            curves = [r["curve"] for r in per.values()]
+            if not curves:
+                continue
+            steps = [p["step"] for p in curves[0]]
+            y = np.array([[100 * get(p) for p in c] for c in curves])
+            mean, std = y.mean(0), y.std(0, ddof=1) if len(y) > 1 else np.zeros(y.shape[1])
+            ax.plot(steps, mean, marker="o", ms=3, label=m)
+            ax.fill_between(steps, mean - std, mean + std, alpha=0.12)
+        ax.set_xlabel("label-free step")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle("Prior trap: held-out, student view, greedy; mean ± std over seeds")
+    fig.tight_layout()
+    fig.savefig(out / "curves.png", dpi=110)
+    plt.close(fig)
+
+    gated = [m for m, per in runs.items() if per and m not in ("opd", "opd-k3")]
+    fig, axes = plt.subplots(1, max(1, len(gated)), figsize=(3.2 * max(1, len(gated)), 3.2), squeeze=False)
+    for ax, m in zip(axes[0], gated, strict=False):
+        hs = [r["diagnostics"]["histogram"] for r in runs[m].values()]
+        edges = np.array(hs[0]["edges"])
+        for key, label in (("p", "P samples"), ("non_p", "non-P samples")):
+            counts = np.sum([h[key] for h in hs], axis=0).astype(float)
+            ax.stairs(counts / max(1.0, counts.sum()), edges, label=label)
+        ax.set_title(m, fontsize=9)
+        ax.set_xlabel("applied weight")
+    axes[0][0].set_ylabel("share of samples (trap rows)")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "weights.png", dpi=110)
+    plt.close(fig)
+
+
+def write_report(out: Path, results: dict[str, Any]) -> None:
+    write_plots(out, results)
+    (out / "results.md").write_text(render_markdown(results))
