@@ -1,27 +1,35 @@
 """LearnerActor: owns the student being trained; recomputes its log-probs, applies the gated loss, steps, publishes.
 
-Per step: the trajectories (with sampler log-probs, positive-view teacher log-probs and gate weights) are split into
-micro-batches; each is teacher-forced through the student on the FULL image (the student's own view), the loss is
-`gated_opd_loss` with the step's total valid-token count as denominator (so accumulating micro-batch gradients gives
-exactly the token-mean of the whole step), gradients are clipped, AdamW steps and the policy version increments.
-A micro-batch that runs out of memory is split in half and retried; a single trajectory that still does not fit
-fails with the knobs to turn.
+Per step (one rollout batch): the trajectories (with sampler log-probs, positive-view teacher log-probs and gate
+weights) are split into `learner.mini_batches_per_step` mini-batches of whole prompt groups (`split_mini_batches`;
+the authors: 2). Each mini-batch gets its own AdamW step: it is split into micro-batches, each teacher-forced through
+the student on the FULL image (the student's own view), the loss is `gated_opd_loss` with the mini-batch's valid-token
+count as denominator (so accumulating micro-batch gradients gives exactly the token-mean of the mini-batch, as verl's
+token-mean), gradients are clipped and AdamW steps. Later mini-batches are off-policy: that is where the PPO clip
+acts. The policy version increments once per rollout batch (one weight push per step).
 
-A plain class; the driver makes it a Ray actor. Knows nothing about samplers or the teacher: weights leave through
-`state_for_push` and the weight-sync sender.
+The PPO ratio's lp_old (`loss.old_logprobs`) is either the sampler's or the learner's own before the step's first
+update (the authors'): the first mini-batch then uses its own forward, detached (ratio exactly 1), the later ones a
+no-grad forward run before the first update. Either way `rollout/logprob_mismatch` compares the sampler's log-probs
+with the learner's pre-update ones on the same tokens (engine drift; in async mode also the policy's staleness).
+
+A micro-batch that runs out of memory is split in half and retried; a single trajectory that still does not fit
+fails with the knobs to turn. A plain class; the driver makes it a Ray actor. Knows nothing about samplers or the
+teacher: weights leave through `state_for_push` and the weight-sync sender.
 """
 
 from __future__ import annotations
 
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from learner.losses import gated_opd_loss
 from learner.weight_sync import WeightPush, WeightSender
-from vzero.batching import length_mask, pad_ragged
+from vzero.batching import length_mask, pad_ragged, split_mini_batches
 from vzero.checkpoint import load_training_state, save_training_state
 from vzero.config import TrainConfig
 from vzero.flops import mfu, peak_tflops, text_params
@@ -35,6 +43,20 @@ from vzero.vlm_inputs import EncodedImage, ImageEncoder, collate
 
 def _is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+def _key(t: Trajectory) -> tuple[str, int]:
+    return t.uid, t.sample_index
+
+
+@dataclass
+class _Pass:
+    """How the micro-batches of one mini-batch are run (shared by its micro-batches and their out-of-memory halves)."""
+
+    n_valid: int  # token-mean denominator: the mini-batch's valid tokens (a global count once data-parallel)
+    old: dict[tuple[str, int], torch.Tensor] | None = None  # recomputed lp_old per trajectory; None = the sampler's
+    self_old: bool = False  # lp_old = this very forward, detached (first mini-batch under recompute): ratio 1 exactly
+    measure_mismatch: bool = False  # the weights have not stepped yet: compare the sampler's lp_old with this forward
 
 
 class Learner:
@@ -99,15 +121,30 @@ class Learner:
             self.model.train()
 
     # -- training -----------------------------------------------------------------------------------------------
-    def _micro_loss(self, trajs: list[Trajectory], images, n_valid: int) -> tuple[float, dict[str, float], int]:
+    def _forward(self, batch, *, return_logits: bool = False):
+        """The student's response log-probs: the one forward the loss, the lp_old recompute and the mismatch share."""
+        with self._autocast():
+            return response_logprobs(self.model, batch, return_logits=return_logits)
+
+    def _recompute_old(self) -> bool:
+        """`loss.old_logprobs` resolved: `auto` = recompute in sync mode (the authors'), the sampler's in async."""
+        wanted = self.cfg.loss.old_logprobs
+        return wanted == "recompute" or (wanted == "auto" and self.cfg.mode == "sync")
+
+    def _micro_loss(self, trajs: list[Trajectory], images, plan: _Pass) -> tuple[float, dict[str, float], int]:
         """Forward + backward of one micro-batch; returns (loss contribution, metrics, sequence tokens)."""
         c = self.cfg.loss
         batch = self._batch(trajs, images)
         topk = c.mode == "forward_kl_topk"
-        with self._autocast():
-            res = response_logprobs(self.model, batch, return_logits=topk)
+        res = self._forward(batch, return_logits=topk)
         mask = length_mask([t.num_tokens for t in trajs]).to(self.device)
-        old = pad_ragged([t.lp_old for t in trajs]).to(self.device)
+        sampler_old = pad_ragged([t.lp_old for t in trajs]).to(self.device)
+        if plan.self_old:
+            old = res.logprobs.detach()
+        elif plan.old is not None:
+            old = pad_ragged([plan.old[_key(t)] for t in trajs]).to(self.device)
+        else:
+            old = sampler_old
         teacher = pad_ragged([t.lp_pos for t in trajs]).to(self.device)
         if self.cfg.gate.level == "token":
             weights = pad_ragged([t.token_weights for t in trajs]).to(self.device)
@@ -132,19 +169,24 @@ class Learner:
             mode=c.mode,
             clip_low=c.clip_low,
             clip_high=c.clip_high,
+            dual_clip_c=c.dual_clip_c,
             kl_clamp=c.kl_clamp,
             logprob_min=c.logprob_min,
+            floor_sampled_logprobs=c.floor_sampled_logprobs,
+            topk_renormalize=c.topk_renormalize,
             teacher_topk=teacher_topk,
             student_logits=res.logits,
-            num_valid_tokens=n_valid,
+            num_valid_tokens=plan.n_valid,
         )
         loss.backward()
+        if plan.measure_mismatch:
+            metrics.update(_mismatch(sampler_old, res.logprobs.detach(), mask))
         return float(loss.detach()), metrics, batch.num_tokens
 
-    def _run(self, trajs: list[Trajectory], images, n_valid: int, acc: dict[str, float]) -> None:
+    def _run(self, trajs: list[Trajectory], images, plan: _Pass, acc: dict[str, float]) -> None:
         """Run a micro-batch; on out-of-memory split it in half and retry (down to one trajectory)."""
         try:
-            loss, metrics, seq_tokens = self._micro_loss(trajs, images, n_valid)
+            loss, metrics, seq_tokens = self._micro_loss(trajs, images, plan)
         except (torch.cuda.OutOfMemoryError, RuntimeError) as exc:
             if not _is_oom(exc):
                 raise
@@ -160,17 +202,20 @@ class Learner:
                 ) from exc
             acc["oom_splits"] = acc.get("oom_splits", 0.0) + 1
             half = len(trajs) // 2
-            self._run(trajs[:half], images, n_valid, acc)
-            self._run(trajs[half:], images, n_valid, acc)
+            self._run(trajs[:half], images, plan, acc)
+            self._run(trajs[half:], images, plan, acc)
             return
         tokens = sum(t.num_tokens for t in trajs)
         acc["loss"] = acc.get("loss", 0.0) + loss
         acc["seq_tokens"] = acc.get("seq_tokens", 0.0) + seq_tokens
-        for k, v in metrics.items():  # token-weighted means across micro-batches
+        for k, v in metrics.items():  # token-weighted means over the mini-batch; sums for the mismatch
             if k == "loss":
                 continue
+            if k.startswith("mismatch_"):
+                _add(acc, k, v)
+                continue
             key = f"loss/{k}"
-            acc[key] = max(acc.get(key, v), v) if k.endswith("_max") else acc.get(key, 0.0) + v * tokens / n_valid
+            acc[key] = max(acc.get(key, v), v) if k.endswith("_max") else acc.get(key, 0.0) + v * tokens / plan.n_valid
 
     def _micro_batches(self, trajectories: list[Trajectory], images) -> list[list[Trajectory]]:
         """Consecutive groups of at most `micro_batch_size` trajectories and `max_tokens_per_micro_batch` tokens.
@@ -195,29 +240,88 @@ class Learner:
             out.append(current)
         return out
 
-    def train_step(self, trajectories: list[Trajectory], prompts: dict[str, Prompt]) -> dict[str, float]:
-        """One optimiser step over all the step's trajectories; returns metrics (loss, grad norm, tokens/s)."""
-        t0 = time.perf_counter()
-        images = self._encode_images(prompts, [t.uid for t in trajectories])
-        n_valid = max(1, sum(t.num_tokens for t in trajectories))
+    @torch.no_grad()
+    def _recompute_logprobs(self, trajs: list[Trajectory], images, acc: dict[str, float]):
+        """lp_old of `trajs` under the current weights (before the step's first update), plus their mismatch.
+
+        Eval mode, as `logprobs` (no dropout in the supported families, so the numbers equal a training forward's),
+        in the training micro-batches: a no-grad forward needs less memory than the ones that already fit.
+        """
+        old: dict[tuple[str, int], torch.Tensor] = {}
+        self.model.eval()
+        try:
+            for micro in self._micro_batches(trajs, images):
+                batch = self._batch(micro, images)
+                lp = self._forward(batch).logprobs
+                mask = length_mask([t.num_tokens for t in micro]).to(self.device)
+                for k, v in _mismatch(pad_ragged([t.lp_old for t in micro]).to(self.device), lp, mask).items():
+                    _add(acc, k, v)
+                acc["recompute_seq_tokens"] = acc.get("recompute_seq_tokens", 0.0) + batch.num_tokens
+                old.update({_key(t): lp[i, : t.num_tokens].float().cpu() for i, t in enumerate(micro)})
+        finally:
+            self.model.train()
+        return old
+
+    def _mini_batch_backward(self, mini: list[Trajectory], images, plan: _Pass) -> dict[str, float]:
+        """Gradients of one mini-batch's token-mean loss in the parameters' .grad (no optimizer step); its metrics."""
         acc: dict[str, float] = {}
         self.optimizer.zero_grad(set_to_none=True)
-        for micro in self._micro_batches(trajectories, images):
-            self._run(micro, images, n_valid, acc)
+        for micro in self._micro_batches(mini, images):
+            self._run(micro, images, plan, acc)
+        return acc
+
+    def train_step(self, trajectories: list[Trajectory], prompts: dict[str, Prompt]) -> dict[str, float]:
+        """One rollout batch: `mini_batches_per_step` AdamW steps over whole prompt groups, then version + 1.
+
+        Returns metrics: "loss" (token-weighted over the mini-batches, each at the weights it was trained at),
+        "loss/last_mini_batch", "loss/*" (token means over the whole step: clip fraction over all tokens; maxima
+        over all), grad norm (mean and max over the optimizer steps), tokens/s, MFU, "rollout/logprob_mismatch"
+        (+ "_max") and the policy version.
+        """
+        t0 = time.perf_counter()
+        images = self._encode_images(prompts, [t.uid for t in trajectories])
+        minis = split_mini_batches(trajectories, self.cfg.learner.mini_batches_per_step)
+        n_step = max(1, sum(t.num_tokens for t in trajectories))
+        recompute = self._recompute_old()
+        # Everything the later mini-batches need from the pre-update weights is read now, before the first step.
+        extra: dict[str, float] = {}
+        old = self._recompute_logprobs([t for m in minis[1:] for t in m], images, extra) if recompute else None
         params = [p for p in self.model.parameters() if p.requires_grad]
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.learner.grad_clip)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        out: dict[str, float] = {}
+        grad_norms: list[float] = []
+        for j, mini in enumerate(minis):
+            n_valid = max(1, sum(t.num_tokens for t in mini))
+            plan = _Pass(n_valid, old=old, self_old=recompute and j == 0, measure_mismatch=j == 0)
+            acc = self._mini_batch_backward(mini, images, plan)
+            grad_norms.append(float(torch.nn.utils.clip_grad_norm_(params, self.cfg.learner.grad_clip)))
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            for k, v in acc.items():  # mini-batch means -> step means (token-weighted); maxima and sums as they are
+                if k.startswith("loss") and not k.endswith("_max"):
+                    out[k] = out.get(k, 0.0) + v * n_valid / n_step
+                else:
+                    _add(out, k, v)
+            out["loss/last_mini_batch"] = acc.get("loss", 0.0)
         self.version += 1
         seconds = time.perf_counter() - t0
-        out = {k: v for k, v in acc.items() if k != "seq_tokens"}
+        for k, v in extra.items():
+            _add(out, k, v)
+        # The recompute is a forward only: 2 of the 6 FLOPs per parameter and token of a training forward + backward.
+        flop_tokens = out.pop("seq_tokens", 0.0) + out.pop("recompute_seq_tokens", 0.0) / 3
+        n_mm = out.pop("mismatch_count", 0.0)
         out.update(
             {
-                "learner/grad_norm": float(grad_norm),
+                "rollout/logprob_mismatch": out.pop("mismatch_sum", 0.0) / n_mm if n_mm else 0.0,
+                "rollout/logprob_mismatch_max": out.pop("mismatch_max", 0.0),
+                "rollout/logprob_mismatch_tokens": n_mm,
+                "learner/old_logprobs_recomputed": float(recompute),
+                "learner/mini_batches": float(len(minis)),
+                "learner/grad_norm": sum(grad_norms) / len(grad_norms),
+                "learner/grad_norm_max": max(grad_norms),
                 "learner/seconds": seconds,
-                "learner/tokens_per_s": n_valid / seconds,
-                "learner/seq_tokens_per_s": acc.get("seq_tokens", 0.0) / seconds,
-                "learner/mfu": mfu(self.n_text_params, acc.get("seq_tokens", 0.0), seconds, self.peak_tflops) or 0.0,
+                "learner/tokens_per_s": n_step / seconds,
+                "learner/seq_tokens_per_s": flop_tokens / seconds,
+                "learner/mfu": mfu(self.n_text_params, flop_tokens, seconds, self.peak_tflops) or 0.0,
                 "policy_version": float(self.version),
             }
         )
@@ -261,3 +365,20 @@ class Learner:
     def ready(self) -> str:
         """Returns once __init__ finished (the driver waits on it)."""
         return f"learner: transformers on {self.device}"
+
+
+def _mismatch(sampler: torch.Tensor, learner: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
+    """Sum, count and max of |sampler lp − learner lp| over the valid tokens (same tokens, same weights)."""
+    diff = (sampler.float() - learner.float()).abs()[mask]
+    if diff.numel() == 0:
+        return {"mismatch_sum": 0.0, "mismatch_count": 0.0}
+    return {
+        "mismatch_sum": float(diff.double().sum()),
+        "mismatch_count": float(diff.numel()),
+        "mismatch_max": float(diff.max()),
+    }
+
+
+def _add(acc: dict[str, float], key: str, value: float) -> None:
+    """Accumulate a sum (or, for keys ending in _max, a maximum)."""
+    acc[key] = max(acc.get(key, value), value) if key.endswith("_max") else acc.get(key, 0.0) + value

@@ -204,20 +204,41 @@ class GateConfig(_Strict):
 
 
 class LossConfig(_Strict):
-    """The gated distillation loss toward the positive-view teacher."""
+    """The gated distillation loss toward the positive-view teacher. Defaults are the authors' (their verl fork);
+    docs/method.md has the table of our choices vs theirs."""
 
     mode: Literal["k1_pg", "k3", "forward_kl_topk"] = "k1_pg"
-    """k1 with PPO-clip policy gradient (default), supervised k3, or forward KL over the teacher's top-k."""
+    """k1 with PPO-clip policy gradient (default; the authors'), supervised k3, or forward KL over the teacher's
+    top-k."""
     clip_low: float = Field(0.2, ge=0, lt=1)
-    """PPO ratio clip below 1 (ratio >= 1 - clip_low)."""
+    """PPO ratio clip below 1 (ratio >= 1 - clip_low). The authors: 0.2."""
     clip_high: float = Field(0.2, ge=0)
-    """PPO ratio clip above 1 (ratio <= 1 + clip_high)."""
+    """PPO ratio clip above 1 (ratio <= 1 + clip_high). The authors: 0.2."""
+    dual_clip_c: float | None = Field(None, gt=1)
+    """Dual-clip PPO for `k1_pg`: a token with a negative advantage loses at most c·|adv| however large its ratio
+    (verl's clip_ratio_c; 3 is the usual value). Unset = off, as the authors' launcher runs it."""
     kl_clamp: float = Field(10.0, gt=0)
-    """|k1| is clamped to this."""
+    """Clamp of the per-token signal: k1 to ±this, the k3 value and the top-k KL to at most this (those tokens then
+    send no gradient). The authors: 10."""
     logprob_min: float = Field(-10.0, lt=0)
-    """Log-probs are clamped at >= this before the loss."""
+    """Floor of both sides' log-probs in `forward_kl_topk` (the authors: -10, top-k only); also of lp_s and lp+ in
+    k1 / k3 when `floor_sampled_logprobs` is on."""
+    floor_sampled_logprobs: bool = False
+    """Also floor lp_s and lp+ at `logprob_min` before forming k1 / k3 (ours before #12; the authors: off, k1 taken
+    raw). With the floor, a token both models find less likely than e^-10 counts as agreement (k1 = 0) instead of a
+    full ±10 reward read from the far tail of two distributions."""
+    topk_renormalize: bool = False
+    """`forward_kl_topk`: renormalise the teacher's top-k into a distribution, no floor, no clamp (ours before #12;
+    the authors: off). A proper KL >= 0 that pushes up every top-k id, even those the student gives < e^-10, which
+    the authors' floor leaves without gradient; it ignores the mass the teacher puts outside its top-k."""
     teacher_topk: int = Field(64, ge=1)
     """k for `forward_kl_topk` (teacher prompt_logprobs=k)."""
+    old_logprobs: Literal["auto", "sampler", "recompute"] = "auto"
+    """Behaviour log-probs lp_old in the PPO ratio. `recompute`: the learner's own, before the step's first update
+    (the authors': the ratio is exactly 1 on the first mini-batch and carries no engine drift; costs a no-grad
+    forward over the later mini-batches). `sampler`: the rollout engine's, as sampled (the ratio then also corrects
+    for staleness and engine drift). `auto` = recompute in sync mode, sampler in async mode. `recompute` with
+    mode=async is refused: the samples come from an older policy and recomputing would drop that correction."""
 
 
 class LearnerConfig(_Strict):
@@ -225,18 +246,23 @@ class LearnerConfig(_Strict):
 
     lr: float = Field(1e-6, gt=0)
     """AdamW learning rate (the authors use 1e-6 for 4B students)."""
-    weight_decay: float = Field(0.0, ge=0)
-    """AdamW decoupled weight decay."""
+    weight_decay: float = Field(0.01, ge=0)
+    """AdamW decoupled weight decay (the authors: 0.01)."""
     betas: tuple[float, float] = (0.9, 0.999)
     """AdamW betas."""
     grad_clip: float = Field(1.0, gt=0)
-    """Max global grad norm."""
+    """Max global grad norm, per optimizer step (the authors: 1.0)."""
+    mini_batches_per_step: int = Field(2, ge=1)
+    """Optimizer steps per rollout batch (the authors: 2, i.e. 16 of 32 prompts each, ppo_epochs 1). The batch is
+    split into this many mini-batches of WHOLE prompt groups, in order (a pure function of the trajectories); each
+    is a token-mean over its own tokens and gets its own AdamW step, the later ones off-policy (where the PPO clip
+    acts). The policy version still advances once per rollout batch. Needs rollout.prompts_per_step >= this."""
     micro_batch_size: int = Field(8, ge=1)
-    """Trajectories per forward/backward; gradients accumulate over the step's micro-batches."""
+    """Trajectories per forward/backward; gradients accumulate over a mini-batch's micro-batches."""
     max_tokens_per_micro_batch: int | None = Field(None, ge=1)
     """Also cap a micro-batch at this many padded tokens (rows x longest sequence): long responses get smaller
     micro-batches instead of running out of memory. The loss is the same whatever the split (token-mean over the
-    step). Unset = no cap. (An out-of-memory error still halves the failing micro-batch and retries.)"""
+    mini-batch). Unset = no cap. (An out-of-memory error still halves the failing micro-batch and retries.)"""
     dtype: DType = "auto"
     """Autocast dtype for the forward: auto = bf16 on GPU, fp32 on CPU."""
     param_dtype: Literal["float32", "bfloat16"] = "float32"
@@ -323,6 +349,16 @@ class TrainConfig(_Strict):
         problems = []
         if self.mode == "async" and self.max_staleness < 1:
             problems.append("mode=async needs max_staleness >= 1 (or use mode=sync)")
+        if self.mode == "async" and self.loss.old_logprobs == "recompute":
+            problems.append(
+                "loss.old_logprobs=recompute with mode=async would treat stale samples as on-policy (the PPO ratio "
+                "loses its staleness correction): use loss.old_logprobs=sampler or auto"
+            )
+        if self.learner.mini_batches_per_step > self.rollout.prompts_per_step:
+            problems.append(
+                f"learner.mini_batches_per_step ({self.learner.mini_batches_per_step}) must be <= "
+                f"rollout.prompts_per_step ({self.rollout.prompts_per_step}): each mini-batch holds whole prompt groups"
+            )
         for name, res, v in (
             ("rollout", self.rollout.resources, self.rollout.vllm),
             ("teacher", self.teacher.resources, self.teacher.vllm),
