@@ -78,8 +78,8 @@ class TrapPlan:
     n_eval: int = 1000  # held-out rows
     trap_answer: str = DEFAULT_TRAP_ANSWER
     bias_rate: float = 0.4  # share of trap-row labels replaced by trap_answer in phase 2
-    teacher_steps: int = 1200  # phase 1, clean labels
-    bias_steps: int = 600  # phase 2, biased labels
+    teacher_steps: int = 800  # phase 1, clean labels
+    bias_steps: int = 400  # phase 2, biased labels
     teacher_lr: float = 1e-3
     bias_lr: float = 5e-4
     teacher_pixels: int = 112 * 112
@@ -89,9 +89,10 @@ class TrapPlan:
     n: int = 8
     lr: float = 1e-4
     eval_every: int = 25
-    engine: str = "auto"
+    engine: str = "transformers"  # rollout + teacher; tiny models on CPU: no vLLM engine start-up per run
     eval_engine: str = "transformers"
     methods: tuple[str, ...] = (*METHODS, BEST_K3)  # run in this order; best-k3 last (it needs the k1 results)
+    threads: int = 1  # torch threads per actor and in-process on CPU (see below)
 
 
 def plan_for(preset: str = "tiny", *, smoke: bool = False, device: str = "cpu", **overrides: Any) -> TrapPlan:
@@ -105,7 +106,7 @@ def plan_for(preset: str = "tiny", *, smoke: bool = False, device: str = "cpu", 
     elif preset == "small":
         plan = replace(
             plan, n_teacher=4096, n_train=4096, teacher_steps=4000, bias_steps=2000, teacher_pixels=224 * 224,
-            student_pixels=112 * 112, steps=300, prompts_per_step=16, lr=2e-4,
+            student_pixels=112 * 112, steps=300, prompts_per_step=16, lr=2e-4, engine="auto", threads=2,
         )  # fmt: skip
     plan = replace(plan, **{k: v for k, v in overrides.items() if v is not None})
     unknown = [m for m in plan.methods if m not in METHODS and m != BEST_K3]
@@ -261,6 +262,8 @@ def run_overrides(
         f"views.margin={plan.margin}", f"checkpoint.every={plan.eval_every}",
         f"checkpoint.keep_last={plan.steps // plan.eval_every + 1}", *method_overrides(method, best),
     ]  # fmt: skip
+    if plan.device == "cpu":  # configs/toy-cpu.yaml gives each actor 2 CPUs = 2 torch threads; see `cpu_threads`
+        ov += [f"{role}.resources.num_cpus={plan.threads}" for role in ("rollout", "teacher", "learner")]
     if plan.device == "cuda":  # one GPU shared by sampler, teacher and learner (as the toy's GPU form)
         ov += ["ray.num_gpus=1", "rollout.resources.num_gpus=0.3", "teacher.resources.num_gpus=0.3"]
         ov += ["learner.resources.num_gpus=0.3", "rollout.vllm.gpu_memory_utilization=0.25"]
@@ -296,6 +299,15 @@ def pick_best(runs: dict[str, dict[str, Any]]) -> str:
     return min((m for m in GATED_K1 if runs.get(m)), key=key)
 
 
+def cpu_threads(plan: TrapPlan) -> None:
+    """One torch thread in this process on CPU. Measured on the shared 2-core machine at load ~40: 30 SFT steps
+    took 22.5 s with 1 thread and 382 s with 2 (OpenMP threads wait for each other's time slices)."""
+    if plan.device == "cpu":
+        import torch
+
+        torch.set_num_threads(plan.threads)
+
+
 def start_cluster(overrides: list[str], attempts: int = 4) -> None:
     """Start the local Ray cluster the runs share; retried because on an overloaded machine the raylet can miss
     Ray's fixed 30 s registration deadline ("The current node timed out during startup")."""
@@ -328,6 +340,7 @@ def run_prior_trap(
     from vzero.recipes.toy import train_run
 
     t_start = time.perf_counter()
+    cpu_threads(plan)
     out.mkdir(parents=True, exist_ok=True)
     check_work(work, plan)
     data = make_data(work, plan)

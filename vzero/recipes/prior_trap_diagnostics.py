@@ -132,7 +132,7 @@ def gradient_cosines(run: Path, train: Path, pixels: int) -> list[dict[str, floa
         if not path.exists():  # the final checkpoint: no step was sampled with it
             continue
         st = read_step(path)
-        rows = pq.read_table(path, columns=["prompt_ids", "lp_old", "token_weights"]).to_pylist()
+        rows = pq.read_table(path, columns=["prompt_ids", "token_weights"]).to_pylist()
         if gate["enabled"] and gate["level"] == "token":
             w = pad_ragged([r["token_weights"] for r in rows])
         elif gate["enabled"]:
@@ -152,7 +152,8 @@ def gradient_cosines(run: Path, train: Path, pixels: int) -> list[dict[str, floa
         params = [q for q in model.parameters() if q.requires_grad]
         lp = response_logprobs(model, batch).logprobs
         mask = length_mask([len(x) for x in st.response_ids])
-        old, teacher = pad_ragged([r["lp_old"] for r in rows]), st.lp_pos.float()
+        # Old log-probs = the current ones (ratio exactly 1, as the learner's recompute gives on its first update).
+        old, teacher = lp.detach(), st.lp_pos.float()
         flat = []
         for weights, retain in ((w.float(), True), (torch.ones_like(w, dtype=torch.float32), False)):
             loss, _ = gated_opd_loss(lp, old, teacher, mask, weights, **loss_kw)
