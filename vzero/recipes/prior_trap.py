@@ -84,11 +84,11 @@ class TrapPlan:
     bias_lr: float = 5e-4
     teacher_pixels: int = 112 * 112
     student_pixels: int = 56 * 56
-    steps: int = 150
+    steps: int = 100
     prompts_per_step: int = 8
     n: int = 8
     lr: float = 1e-4
-    eval_every: int = 25
+    eval_every: int = 20
     engine: str = "transformers"  # rollout + teacher; tiny models on CPU: no vLLM engine start-up per run
     eval_engine: str = "transformers"
     methods: tuple[str, ...] = (*METHODS, BEST_K3)  # run in this order; best-k3 last (it needs the k1 results)
@@ -299,6 +299,16 @@ def pick_best(runs: dict[str, dict[str, Any]]) -> str:
     return min((m for m in GATED_K1 if runs.get(m)), key=key)
 
 
+def _git_commit() -> str | None:
+    import subprocess
+
+    try:
+        res = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True)
+        return res.stdout.strip() or None
+    except OSError:
+        return None
+
+
 def cpu_threads(plan: TrapPlan) -> None:
     """One torch thread in this process on CPU. Measured on the shared 2-core machine at load ~40: 30 SFT steps
     took 22.5 s with 1 thread and 382 s with 2 (OpenMP threads wait for each other's time slices)."""
@@ -350,36 +360,38 @@ def run_prior_trap(
     if failed and require_premises:
         raise RuntimeError(f"premise(s) failed: {failed}; see {work / 'premises.json'}")
     base = prem["student_init_greedy"]
-    runs: dict[str, dict[str, Any]] = {}
-    commands: dict[str, str] = {}
+    runs: dict[str, dict[str, Any]] = {m: {} for m in plan.methods}
     best = None
     own_cluster = not ray.is_initialized()
     try:
         if own_cluster:  # one local cluster for all runs (the driver reuses a connected one)
             start_cluster(run_overrides(plan, "opd", 0, models, data["train"], work / "runs" / "cluster"))
-        for method in plan.methods:
-            if method == BEST_K3:
+        # Seeds outer, so an interrupted experiment still has complete seeds; best-k3 needs every k1 result first.
+        order = [(m, seed) for seed in plan.seeds for m in plan.methods if m != BEST_K3]
+        order += [(BEST_K3, seed) for seed in plan.seeds if BEST_K3 in plan.methods]
+        for method, seed in order:
+            if method == BEST_K3 and best is None:
                 best = pick_best(runs)
-            runs[method] = {}
-            for seed in plan.seeds:
-                run_dir = work / "runs" / f"{method if method != BEST_K3 else best + '-k3'}-seed{seed}"
-                ov = run_overrides(plan, method, seed, models, data["train"], run_dir, best)
-                commands[f"{method}/{seed}"] = f"vzero train --config {BASE_CONFIG.relative_to(REPO)} " + " ".join(ov)
-                run, wall = train_run(ov)
-                runs[method][str(seed)] = {
-                    "run_dir": str(run),
-                    "command": commands[f"{method}/{seed}"],
-                    "wall_seconds": wall,
-                    "curve": eval_curve(plan, run, data["eval"], base),
-                    "diagnostics": run_diagnostics(run, data["train"], plan.trap_answer, plan.student_pixels),
-                }
-                log.info("prior-trap %s seed %d done (%.0f s)", method, seed, wall)
+            name = f"{best}-k3" if method == BEST_K3 else method
+            run_dir = work / "runs" / f"{name}-seed{seed}"
+            ov = run_overrides(plan, method, seed, models, data["train"], run_dir, best)
+            command = f"vzero train --config {BASE_CONFIG.relative_to(REPO)} " + " ".join(ov)
+            run, wall = train_run(ov)
+            runs.setdefault(method, {})[str(seed)] = {
+                "run_dir": str(run),
+                "command": command,
+                "wall_seconds": wall,
+                "curve": eval_curve(plan, run, data["eval"], base),
+                "diagnostics": run_diagnostics(run, data["train"], plan.trap_answer, plan.student_pixels),
+            }
+            log.info("prior-trap %s seed %d done (%.0f s)", method, seed, wall)
     finally:
         if own_cluster and ray.is_initialized():
             ray.shutdown()
     results = {
         "plan": asdict(plan),
         "command": command,
+        "git_commit": _git_commit(),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, device {plan.device}",
         "models": {"student": str(models["student"]), "teacher": str(models["teacher"]), "sft": models["sft"]},
         "premises": prem,

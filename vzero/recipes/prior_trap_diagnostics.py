@@ -120,7 +120,8 @@ def gradient_cosines(run: Path, train: Path, pixels: int) -> list[dict[str, floa
 
     cfg = yaml.safe_load((run / "config.yaml").read_text())
     gate, loss_cfg = cfg["gate"], cfg["loss"]
-    accepted = inspect.signature(gated_opd_loss).parameters
+    # The loss options of the config that are keyword options of the loss (others, like loss.old_logprobs, are not).
+    accepted = {n for n, p in inspect.signature(gated_opd_loss).parameters.items() if p.kind is p.KEYWORD_ONLY}
     loss_kw = {k: v for k, v in loss_cfg.items() if k in accepted and k != "teacher_topk"}
     if loss_kw.get("mode") == "forward_kl_topk":
         return []  # needs the teacher's top-k, which these runs do not log
