@@ -38,6 +38,8 @@ class Sampler:
             seed=cfg.seed + rank,
             batch_size=cfg.rollout.hf_batch_size,
             worker_extension="actors.weight_receiver.WeightReceiverExtension",
+            # Away from temperature 1, lp_old must be the log-prob of the distribution actually sampled (PPO ratio).
+            processed_logprobs=cfg.rollout.temperature != 1.0,
         )
         self.tokenizer = self.engine.tokenizer
         self.version = 0
@@ -47,7 +49,7 @@ class Sampler:
         r = self.cfg.rollout
         t0 = time.perf_counter()
         requests = [
-            GenerateRequest(prompt_ids=chat_prompt_ids(self.tokenizer, p.question), image=decode_rgb(p.image))
+            GenerateRequest(chat_prompt_ids(self.tokenizer, p.question, self.cfg.student.chat), [decode_rgb(p.image)])
             for p in prompts
         ]
         spec = SamplingSpec(n=r.n, temperature=r.temperature, top_p=r.top_p, max_tokens=r.max_tokens, seed=seed)

@@ -5,6 +5,11 @@ it gets the teacher's log-prob of every sampled response token under the POSITIV
 NEGATIVE view (an irrelevant crop, or the downsampled evidence), a response mask, and which trajectories share a
 prompt, and returns detached weights plus a dict of python-float diagnostics for logging.
 
+``evidence_gate`` returns the weights with the per-element quantities behind the diagnostics (``GateTerms``), and
+``gate_diagnostics`` turns any number of them into one dict: several gating actors each gate their own prompts, and
+the step's statistics are computed once over all of their trajectories (a mean of per-actor minima is no minimum).
+``gate_metrics`` names them for the metrics log (``gate/*``, or ``gate_would/*`` when the gate is off).
+
 The equations are those of the method notes (``vzero-method.md``, "Contrastive evidence gate"), numbered as there:
 
     1. delta_t = lp+_t − lp-_t
@@ -25,6 +30,7 @@ Run the tests with ``.venv/bin/pytest tests/gating/test_gate.py``.
 from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -44,6 +50,56 @@ DIAGNOSTIC_KEYS = (
     "delta_mean",
     "frac_delta_pos",
 )
+# The diagnostics that describe the weights themselves (the rest describe the teacher's contrast).
+WEIGHT_KEYS = ("weight_mean", "weight_min", "weight_max", "frac_at_w_min")
+
+
+@dataclass
+class GateTerms:
+    """The quantities the diagnostics are computed from, flat 1-D float64 CPU tensors: per trajectory (sequence
+    level) or per valid token (token level) for score S / s_t, advantage A and weight w; per valid token for delta."""
+
+    score: torch.Tensor
+    adv: torch.Tensor
+    weight: torch.Tensor
+    delta: torch.Tensor
+
+
+def gate_diagnostics(terms: GateTerms | Sequence[GateTerms], *, w_min: float) -> dict[str, float]:
+    """``DIAGNOSTIC_KEYS`` over every element of every part: the statistics of the union, never a mean of parts."""
+    parts = [terms] if isinstance(terms, GateTerms) else list(terms)
+
+    def cat(name: str) -> torch.Tensor:
+        return torch.cat([getattr(p, name).double().reshape(-1) for p in parts]) if parts else torch.zeros(0)
+
+    score, adv, weight, delta = cat("score"), cat("adv"), cat("weight"), cat("delta")
+    return {
+        "score_mean": _mean(score),
+        "score_std": _std(score),
+        "adv_mean": _mean(adv),
+        "adv_std": _std(adv),
+        "weight_mean": _mean(weight),
+        "weight_min": float(weight.min().item()) if weight.numel() else 0.0,
+        "weight_max": float(weight.max().item()) if weight.numel() else 0.0,
+        # Clamp returns w_min exactly, so equality in float64 (before the float32 cast) is the right test.
+        "frac_at_w_min": _mean((weight <= w_min).double()),
+        "delta_mean": _mean(delta),
+        "frac_delta_pos": _mean((delta > 0).double()),
+    }
+
+
+def gate_metrics(terms: Sequence[GateTerms], *, w_min: float, enabled: bool) -> dict[str, float]:
+    """A step's logged gate statistics, over all its trajectories (every gating actor's terms pooled).
+
+    `gate/weight_*` always describe the weights the loss applied. With the gate off those are all 1, and what the
+    gate would have said (the statistics of the weights it computed, and of the teacher's contrast) is logged as
+    `gate_would/*`; with the gate on every statistic is under `gate/*`."""
+    diag = gate_diagnostics(terms, w_min=w_min)
+    if enabled:
+        return {f"gate/{k}": v for k, v in diag.items()}
+    ones = [GateTerms(t.score[:0], t.adv[:0], torch.ones_like(t.weight), t.delta[:0]) for t in terms]
+    applied = gate_diagnostics(ones, w_min=w_min)
+    return {**{f"gate/{k}": applied[k] for k in WEIGHT_KEYS}, **{f"gate_would/{k}": v for k, v in diag.items()}}
 
 
 def evidence_weights(
@@ -91,6 +147,35 @@ def evidence_weights(
     Everything is computed in float64 and cast to float32 at the end: step 4 divides by a group std that can be
     ~1e-6 when scores nearly agree, and float32 rounding of |S| ≈ 5 (~5e-7) would then move A by ~0.5.
     """
+    w, terms = evidence_gate(
+        pos_logprobs,
+        neg_logprobs,
+        response_mask,
+        group_ids,
+        gamma=gamma,
+        alpha=alpha,
+        w_min=w_min,
+        w_max=w_max,
+        eps=eps,
+        level=level,
+    )
+    return w, gate_diagnostics(terms, w_min=w_min)
+
+
+def evidence_gate(
+    pos_logprobs: torch.Tensor,
+    neg_logprobs: torch.Tensor,
+    response_mask: torch.Tensor,
+    group_ids: Sequence[Hashable] | torch.Tensor,
+    *,
+    gamma: float = 1.0,
+    alpha: float = 0.5,
+    w_min: float = 0.0,
+    w_max: float = 2.0,
+    eps: float = 1e-6,
+    level: str = "sequence",
+) -> tuple[torch.Tensor, GateTerms]:
+    """``evidence_weights`` with the per-element ``GateTerms`` instead of the diagnostics dict (same arguments)."""
     _check_inputs(pos_logprobs, neg_logprobs, response_mask, group_ids, w_min=w_min, w_max=w_max, eps=eps, level=level)
     device = pos_logprobs.device
     with torch.no_grad():
@@ -121,20 +206,8 @@ def evidence_weights(
             w = torch.where(valid, torch.clamp(1.0 + alpha * A, w_min, w_max), 0.0)
             score, adv, weight = s[valid], A[valid], w[valid]
 
-        diagnostics = {
-            "score_mean": _mean(score),
-            "score_std": _std(score),
-            "adv_mean": _mean(adv),
-            "adv_std": _std(adv),
-            "weight_mean": _mean(weight),
-            "weight_min": float(weight.min().item()) if weight.numel() else 0.0,
-            "weight_max": float(weight.max().item()) if weight.numel() else 0.0,
-            # Clamp returns w_min exactly, so equality in float64 (before the float32 cast) is the right test.
-            "frac_at_w_min": _mean((weight <= w_min).double()),
-            "delta_mean": _mean(delta[valid]),
-            "frac_delta_pos": _mean((delta[valid] > 0).double()),
-        }
-    return w.float(), diagnostics
+        terms = GateTerms(*(x.detach().double().reshape(-1).cpu() for x in (score, adv, weight, delta[valid])))
+    return w.float(), terms
 
 
 def shuffle_within_groups(

@@ -4,7 +4,9 @@ For each prompt it builds the two views once (evidence crop; hard-negative crop 
 positive AND negative replays of all the step's trajectories to its engine in one batch, reads back the per-token
 log-probs of the sampled response tokens (response-aligned: the teacher prompt holds a crop, so its length differs
 from the student's; alignment is on the response suffix, never on absolute positions), and calls the pure
-`evidence_weights`. With the gate disabled every weight is 1 (plain on-policy distillation, the baseline).
+`evidence_gate`. With the gate disabled every weight is 1 (plain on-policy distillation, the baseline). The gate's
+per-element quantities go back to the driver under `TERMS_KEY` (not averaged here): with several gating actors the
+driver computes the step's gate statistics once over all of them (`gating.gate.gate_diagnostics`).
 
 A plain class; the driver makes it a Ray actor. Knows nothing about the learner or the samplers.
 """
@@ -12,10 +14,11 @@ A plain class; the driver makes it a Ray actor. Knows nothing about the learner 
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import torch
 
-from gating.gate import evidence_weights, shuffle_within_groups
+from gating.gate import evidence_gate, shuffle_within_groups
 from vzero.batching import length_mask, pad_ragged
 from vzero.config import TrainConfig
 from vzero.engines import ScoreRequest, create_engine
@@ -23,6 +26,8 @@ from vzero.records import Prompt, Trajectory
 from vzero.runtime import actor_device, derive_seed, setup_threads
 from vzero.views import views_for
 from vzero.vlm_inputs import chat_prompt_ids
+
+TERMS_KEY = "gate/terms"  # stats entry holding this actor's GateTerms (the rest of the stats are floats)
 
 
 class Gating:
@@ -43,8 +48,9 @@ class Gating:
 
     def gate(
         self, trajectories: list[Trajectory], prompts: dict[str, Prompt]
-    ) -> tuple[list[Trajectory], dict[str, float]]:
-        """Fill lp_pos, lp_neg and the gate weight(s) of every trajectory; return them with diagnostics/timings."""
+    ) -> tuple[list[Trajectory], dict[str, Any]]:
+        """Fill lp_pos, lp_neg and the gate weight(s) of every trajectory; return them with timings, counts and
+        the gate's `GateTerms` (under `TERMS_KEY`)."""
         cfg = self.cfg
         t0 = time.perf_counter()
         views, teacher_ids = {}, {}
@@ -58,7 +64,7 @@ class Gating:
                 factor=cfg.views.downsample_factor,
                 seed=cfg.views.seed,
             )
-            teacher_ids[uid] = chat_prompt_ids(self.tokenizer, p.question)
+            teacher_ids[uid] = chat_prompt_ids(self.tokenizer, p.question, cfg.teacher_model.chat)
         t_views = time.perf_counter() - t0
 
         topk = cfg.loss.teacher_topk if cfg.loss.mode == "forward_kl_topk" else 0
@@ -73,7 +79,7 @@ class Gating:
         lp_neg = pad_ragged([r.logprobs for r in res_neg])
         mask = length_mask([t.num_tokens for t in trajectories])
         g = cfg.gate
-        weights, diag = evidence_weights(
+        weights, terms = evidence_gate(
             lp_pos,
             lp_neg,
             mask,
@@ -102,7 +108,7 @@ class Gating:
             if topk:
                 t.teacher_topk_ids, t.teacher_topk_logprobs = res_pos[i].topk_ids, res_pos[i].topk_logprobs
         tokens = float(mask.sum())
-        stats = {f"gate/{k}": v for k, v in diag.items()}
+        stats: dict[str, Any] = {TERMS_KEY: terms}
         stats.update(
             {
                 "teacher/seconds": time.perf_counter() - t0,
@@ -118,3 +124,17 @@ class Gating:
     def ready(self) -> str:
         """Returns once __init__ finished (the driver waits on it); names the engine."""
         return f"gating-{self.rank}: {self.engine.name} on {self.device}"
+
+
+def merge_stats(parts: list[dict[str, float]]) -> dict[str, float]:
+    """One step's teacher stats from several gating actors (without `TERMS_KEY`). They run in parallel: counts add,
+    durations are the slowest actor's, the rate is all tokens over that duration (never a mean of per-actor values)."""
+    out: dict[str, float] = {}
+    for st in parts:
+        for key, v in st.items():
+            if key.endswith("_per_s"):
+                continue
+            out[key] = max(out.get(key, 0.0), v) if key.endswith("seconds") else out.get(key, 0.0) + v
+    if "teacher/tokens" in out:  # both views are replayed
+        out["teacher/tokens_per_s"] = 2 * out["teacher/tokens"] / max(out.get("teacher/score_seconds", 0.0), 1e-9)
+    return out

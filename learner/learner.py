@@ -32,6 +32,7 @@ from learner.weight_sync import WeightPush, WeightSender
 from vzero.batching import length_mask, pad_ragged, split_mini_batches
 from vzero.checkpoint import load_training_state, save_training_state
 from vzero.config import TrainConfig
+from vzero.engines.base import banned_token_ids
 from vzero.flops import mfu, peak_tflops, text_params
 from vzero.images import decode_rgb
 from vzero.logprobs import response_logprobs
@@ -94,6 +95,12 @@ class Learner:
         self._senders: dict[str, WeightSender] = {}
         sampler_device = "cuda" if cfg.rollout.resources.num_gpus > 0 else "cpu"
         self.push_dtype = resolve_dtype(cfg.student.dtype, sampler_device)
+        # The policy is the distribution the samplers draw from: at a temperature other than 1, its log-probs (PPO
+        # ratio against the samplers' processed log-probs, k1) are those of the tempered logits without the ids a
+        # sampler never emits. The teacher's stay at temperature 1.
+        self.temperature = cfg.rollout.temperature
+        vocab = self.model.get_output_embeddings().weight.shape[0]
+        self.banned_ids = banned_token_ids(self.tokenizer, vocab) if self.temperature != 1.0 else []
 
     # -- forward helpers ----------------------------------------------------------------------------------------
     def _autocast(self):
@@ -108,23 +115,29 @@ class Learner:
         rows = [(t.prompt_ids, images[t.uid], t.response_ids) for t in trajs]
         return collate(rows, pad_id=self.pad_id, image_pad_id=self.image_pad_id).to(self.device)
 
+    def _policy_logprobs(self, batch, *, return_logits: bool = False):
+        """The current policy's log-probs of the batch's responses (the sampling distribution, see __init__)."""
+        return response_logprobs(
+            self.model, batch, return_logits=return_logits, temperature=self.temperature, banned_ids=self.banned_ids
+        )
+
     @torch.no_grad()
     def logprobs(self, trajectories: list[Trajectory], prompts: dict[str, Prompt]) -> list[list[float]]:
-        """Current student log-probs of the given responses (evaluation / tests: do the weights move?)."""
+        """Current policy log-probs of the given responses (evaluation / tests: do the weights move?)."""
         self.model.eval()
         try:
             images = self._encode_images(prompts, [t.uid for t in trajectories])
-            with self._autocast():
-                res = response_logprobs(self.model, self._batch(trajectories, images))
+            res = self._forward(self._batch(trajectories, images))
             return [res.logprobs[i, : t.num_tokens].float().tolist() for i, t in enumerate(trajectories)]
         finally:
             self.model.train()
 
     # -- training -----------------------------------------------------------------------------------------------
     def _forward(self, batch, *, return_logits: bool = False):
-        """The student's response log-probs: the one forward the loss, the lp_old recompute and the mismatch share."""
+        """The student's response log-probs: the one forward the loss, the lp_old recompute and the mismatch share
+        (of the sampling distribution: tempered, banned ids masked, see `_policy_logprobs`)."""
         with self._autocast():
-            return response_logprobs(self.model, batch, return_logits=return_logits)
+            return self._policy_logprobs(batch, return_logits=return_logits)
 
     def _recompute_old(self) -> bool:
         """`loss.old_logprobs` resolved: `auto` = recompute in sync mode (the authors'), the sampler's in async."""
@@ -340,10 +353,10 @@ class Learner:
         ]
         return sender.make_push(named, self.version)
 
-    def release_push(self) -> None:
-        """Every sampler acknowledged the last push: drop the GPU buckets kept alive for CUDA IPC."""
+    def release_push(self, keep: list[int] | None = None) -> None:
+        """Drop the CUDA IPC buckets of every version not in `keep` (the driver will never send those pushes again)."""
         for sender in self._senders.values():
-            sender.release()
+            sender.release(keep or ())
 
     def device_uuid(self) -> str:
         """The learner's GPU (empty on CPU): the driver picks CUDA IPC when every sampler shares it."""

@@ -6,10 +6,13 @@ Layout of one checkpoint (`<output_dir>/checkpoints/step_000042/`):
   optimizer.json          param groups and non-tensor state
   rng.safetensors         torch CPU (+ CUDA) generator states
   trainer_state.json      step, policy version, data-stream position, Python/NumPy RNG (written by the driver)
+  rollouts.json           async only: the sampled trajectories of steps still in flight (`save_rollouts`)
   COMPLETE                written last
 The directory is assembled as `step_000042.tmp-<pid>` and renamed into place only when complete, so a crash mid-write
-leaves a `.tmp-*` directory that `latest_checkpoint` never picks up. Nothing is pickled: loading a checkpoint cannot
-run code.
+leaves a `.tmp-*` directory that `latest_checkpoint` never picks up. A checkpoint of a step that already has one is
+renamed in before the old copy is deleted (the old copy waits as `step_000042.old-<pid>`, which `latest_checkpoint`
+also accepts), so a crash at any point leaves at least one complete copy. Steps are ordered by number, never by
+name. Nothing is pickled: loading a checkpoint cannot run code.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 _STEP_DIR = re.compile(r"^step_(\d{6,})$")
+_OLD_DIR = re.compile(r"^step_(\d{6,})\.old-\d+$")  # the previous copy of a step while its new copy moves in
+ROLLOUTS_FILE = "rollouts.json"
 PROCESSOR_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -53,25 +58,59 @@ def begin(root: Path, step: int) -> Path:
     return tmp
 
 
+def checkpoint_step(path: Path) -> int:
+    """The step number of a checkpoint directory (`step_000042` or its `.old-*` copy)."""
+    m = _STEP_DIR.match(path.name) or _OLD_DIR.match(path.name)
+    if m is None:
+        raise ValueError(f"{path} is not a checkpoint directory (step_NNNNNN)")
+    return int(m.group(1))
+
+
 def commit(tmp: Path, keep_last: int) -> Path:
-    """Mark complete, rename into place (atomic on one filesystem), prune old checkpoints."""
+    """Mark complete, rename into place (atomic on one filesystem), prune old checkpoints (the newest by number)."""
     (tmp / "COMPLETE").write_text("ok\n")
     final = tmp.with_name(tmp.name.split(".tmp-")[0])
-    if final.exists():
-        shutil.rmtree(final)
+    previous = None
+    if final.exists():  # rename-then-delete: the old copy stays complete on disk until the new one is in place
+        previous = final.with_name(f"{final.name}.old-{os.getpid()}")
+        os.replace(final, previous)
     os.replace(tmp, final)
-    steps = sorted(p for p in final.parent.iterdir() if _STEP_DIR.match(p.name) and (p / "COMPLETE").exists())
+    if previous is not None:
+        shutil.rmtree(previous)
+    root = final.parent
+    steps = sorted(
+        (p for p in root.iterdir() if _STEP_DIR.match(p.name) and (p / "COMPLETE").exists()), key=checkpoint_step
+    )
     for old in steps[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
+    kept = {checkpoint_step(p) for p in steps[-keep_last:]}
+    for stale in (p for p in root.iterdir() if _OLD_DIR.match(p.name)):  # left by a crash after the rename
+        if checkpoint_step(stale) in kept or checkpoint_step(stale) < min(kept):
+            shutil.rmtree(stale, ignore_errors=True)
     return final
 
 
 def latest_checkpoint(root: Path) -> Path | None:
-    """The newest complete checkpoint under `root` (temporary or unmarked directories are ignored)."""
+    """The newest complete checkpoint under `root` (temporary or unmarked directories are ignored; at equal steps
+    the regular directory wins over an `.old-*` copy a crash left behind)."""
     if not root.is_dir():
         return None
-    done = [p for p in root.iterdir() if _STEP_DIR.match(p.name) and (p / "COMPLETE").is_file()]
-    return max(done, key=lambda p: int(_STEP_DIR.match(p.name).group(1)), default=None)
+    done = [
+        p for p in root.iterdir() if (_STEP_DIR.match(p.name) or _OLD_DIR.match(p.name)) and (p / "COMPLETE").is_file()
+    ]
+    return max(done, key=lambda p: (checkpoint_step(p), bool(_STEP_DIR.match(p.name))), default=None)
+
+
+def save_rollouts(directory: Path, jobs: list[dict]) -> None:
+    """The in-flight steps' sampled trajectories (JSON: floats round-trip exactly), so a resumed async run trains
+    exactly what the uninterrupted one would have (those batches were sampled by weights no checkpoint holds)."""
+    (directory / ROLLOUTS_FILE).write_text(json.dumps(jobs))
+
+
+def load_rollouts(directory: Path) -> list[dict]:
+    """What `save_rollouts` wrote ([] for a checkpoint without steps in flight)."""
+    path = directory / ROLLOUTS_FILE
+    return json.loads(path.read_text()) if path.is_file() else []
 
 
 def _rng_tensors() -> dict[str, torch.Tensor]:

@@ -17,6 +17,8 @@ import ray
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
 from vzero.config import ActorResources, TrainConfig
+from vzero.console import actor_runtime_env, ray_log_level
+from vzero.errors import UserError
 
 log = logging.getLogger("vzero")
 ACTOR_ERRORS = (RayActorError, ActorDiedError, ActorUnavailableError)
@@ -28,9 +30,18 @@ def connect(cfg: TrainConfig) -> None:
         return
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     # Actors re-import our packages in their own processes: make the repo root importable for them.
-    runtime_env = {"env_vars": {"PYTHONPATH": _pythonpath(), "TOKENIZERS_PARALLELISM": "false"}}
+    # Quiet unless logging.verbose: the actors' libraries log warnings and errors only (vzero/console.py).
+    env = {"PYTHONPATH": _pythonpath(), "TOKENIZERS_PARALLELISM": "false"}
+    runtime_env = actor_runtime_env(cfg.logging.verbose, env)
+    level = ray_log_level(cfg.logging.verbose)
     if address:
-        ray.init(address=address, namespace=cfg.ray.namespace, runtime_env=runtime_env, log_to_driver=True)
+        ray.init(
+            address=address,
+            namespace=cfg.ray.namespace,
+            runtime_env=runtime_env,
+            log_to_driver=True,
+            logging_level=level,
+        )
     else:
         ray.init(
             address="local",  # always a new cluster: never attach to some other `ray start` on this machine
@@ -40,6 +51,7 @@ def connect(cfg: TrainConfig) -> None:
             dashboard_host="127.0.0.1",
             namespace=cfg.ray.namespace,
             runtime_env=runtime_env,
+            logging_level=level,
             _node_ip_address="127.0.0.1",
         )
 
@@ -70,7 +82,7 @@ def check_resources(cfg: TrainConfig) -> None:
     short = {k: (v, have.get(k, 0.0)) for k, v in want.items() if v > have.get(k, 0.0) + 1e-9}
     if short:
         detail = ", ".join(f"{k}: requested {v:g}, cluster has {h:g}" for k, (v, h) in short.items())
-        raise RuntimeError(
+        raise UserError(
             f"the cluster cannot fit this job's actors ({detail}). Lower rollout.num_samplers / "
             "*.resources.num_cpus / num_gpus, or add nodes (ray.num_cpus for a local cluster)."
         )

@@ -19,6 +19,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 EngineKind = Literal["auto", "vllm", "transformers"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
+# Seeds reach numpy (np.random.seed: < 2**32, non-negative) and vLLM engines as `seed + rank`: 31 bits fit all of them.
+MAX_SEED = 2**31 - 1
 
 
 class _Strict(BaseModel):
@@ -30,12 +32,27 @@ class _Strict(BaseModel):
 class BuildSpec(_Strict):
     """How to build a random-init model when `path` holds none (demos, tests, benchmarks)."""
 
-    arch: Literal["qwen2_vl", "qwen2_5_vl"] = "qwen2_vl"
-    """Real architecture to instantiate (Qwen2-VL or Qwen2.5-VL family)."""
-    preset: Literal["tiny", "small", "3b"] = "tiny"
-    """Size: `tiny` (CPU tests), `small` (toy experiments), `3b` (Qwen2.5-VL-3B shapes, GPU benchmarks)."""
-    seed: int = 0
+    arch: Literal["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5"] = "qwen2_vl"
+    """Real architecture to instantiate: the Qwen2-VL, Qwen2.5-VL, Qwen3-VL or Qwen3.5 family (the authors train
+    Qwen3.5; differences between families: vzero/models/families.py)."""
+    preset: Literal["tiny", "small", "3b", "4b"] = "tiny"
+    """Size: `tiny` (CPU tests), `small` (toy experiments), `3b` (Qwen2-VL-2B / Qwen2.5-VL-3B shapes) or `4b`
+    (Qwen3-VL-4B / Qwen3.5-4B shapes, the authors' student): GPU benchmarks."""
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     """Seed of the random init; the same seed gives the same weights."""
+
+
+class ChatOptions(_Strict):
+    """How prompts are rendered with the model's chat template (the same for sampling, teacher replay, the learner
+    (which trains on the sampler's prompt ids) and evaluation)."""
+
+    system_prompt: str | None = None
+    """System turn text; unset = no system turn (the authors: none; their `<answer>`-tag system prompt is off).
+    Templates may add their own default when there is none: Qwen2-VL / Qwen2.5-VL insert "You are a helpful
+    assistant.", Qwen3-VL / Qwen3.5 add nothing."""
+    enable_thinking: bool = False
+    """Let the model reason first (Qwen3.5: the generation prompt opens a `<think>` block). The authors: false (the
+    prompt then ends with an empty `<think>\n\n</think>\n\n`). Templates without thinking ignore it."""
 
 
 class ModelSource(_Strict):
@@ -53,6 +70,8 @@ class ModelSource(_Strict):
     """Lower bound on the image area fed to the vision tower (the processor upsamples smaller images)."""
     max_pixels: int = Field(448 * 448, gt=0)
     """Upper bound on the image area fed to the vision tower (pixel budget; larger images are downscaled)."""
+    chat: ChatOptions = ChatOptions()
+    """Chat-template options for prompts to this model."""
 
     @model_validator(mode="after")
     def _pixels_ordered(self) -> ModelSource:
@@ -91,6 +110,9 @@ class VLLMOptions(_Strict):
     """Run the engine core in the actor's process (VLLM_ENABLE_V1_MULTIPROCESSING=0): weights load by reference."""
     max_logprobs: int = Field(64, ge=0)
     """Largest top-k of log-probs an engine may return (teacher top-k for forward_kl_topk)."""
+    max_images_per_prompt: int = Field(1, ge=1)
+    """Most images one request may carry (vLLM `limit_mm_per_prompt`; its memory profile assumes this many at the
+    largest pixel budget). 2 for a teacher that sees the full image and the crop."""
 
 
 class DataSynth(_Strict):
@@ -98,7 +120,7 @@ class DataSynth(_Strict):
 
     n: int = Field(64, gt=0)
     """Number of rows."""
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     """Seed; the same seed gives the same file."""
     image_size: int = Field(336, ge=64)
     """Side of the square images in pixels."""
@@ -129,9 +151,11 @@ class RolloutConfig(_Strict):
     n: int = Field(8, ge=1)
     """Trajectories per prompt (the gate normalises within these groups)."""
     temperature: float = Field(1.0, gt=0)
-    """Sampling temperature (1.0 keeps sampler log-probs = policy log-probs)."""
+    """Sampling temperature (the authors use 1.0). At any other value the sampler's log-probs and the learner's
+    (PPO ratio, k1) are both those of the tempered distribution actually sampled; the teacher stays at 1."""
     top_p: float = Field(1.0, gt=0, le=1)
-    """Nucleus sampling mass."""
+    """Nucleus sampling mass. Only 1.0 is accepted: the learner does not re-apply the nucleus cut-off, so with top_p
+    < 1 the PPO ratio would compare against a distribution that did not produce the samples."""
     max_tokens: int = Field(2048, ge=1)
     """Longest response in tokens."""
     hf_batch_size: int = Field(16, ge=1)
@@ -165,7 +189,7 @@ class ViewConfig(_Strict):
     """Negative view: an equal-size irrelevant crop, or the positive crop with its detail destroyed."""
     downsample_factor: float = Field(2.0, gt=1)
     """Factor for `downsample_teacher_crop`."""
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     """Seed for the hard-negative crop location (per row: reproducible)."""
 
 
@@ -275,7 +299,8 @@ class LearnerConfig(_Strict):
     freeze_vision: bool = False
     """Keep the vision tower fixed: it is not trained and not pushed to samplers."""
     weight_push_every: int = Field(1, ge=1)
-    """Push weights to samplers every k steps."""
+    """Push weights to samplers every k steps (and at every checkpoint). Async only: a batch may then lag k - 1
+    more versions, so `max_staleness` must be >= k (the in-flight depth shrinks to max_staleness - k + 1)."""
     weight_transport: Literal["auto", "object_store", "cuda_ipc"] = "auto"
     """`auto` = CUDA IPC handles when learner and sampler share a GPU, else one object-store put with many gets."""
     resources: ActorResources = ActorResources()
@@ -312,11 +337,14 @@ class LoggingConfig(_Strict):
     tensorboard: bool = True
     """Also write TensorBoard events under output_dir/tb."""
     progress_bar: bool = True
-    """Show a per-step progress bar on the console."""
+    """Print one progress line per step on the console (step, loss, gate weight, seconds)."""
     save_trajectories: bool = True
     """Keep every step's trajectories (ids, log-probs, teacher log-probs, weights) as Parquet."""
     ray_metrics: bool = True
     """Export metrics to the Ray dashboard / Prometheus via ray.util.metrics."""
+    verbose: bool = False
+    """Let vLLM, Ray, transformers and tqdm print their INFO lines and progress bars (off: warnings and errors only,
+    see vzero/console.py)."""
 
 
 class TrainConfig(_Strict):
@@ -326,12 +354,13 @@ class TrainConfig(_Strict):
     """Learner steps to run (in total, counting steps before a resume)."""
     output_dir: str = "runs/vzero"
     """Metrics, checkpoints, trajectories and quarantine go here."""
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     """Base seed: data order, sampling seeds per step and sampler, hard-negative crops, model init."""
     mode: Literal["sync", "async"] = "sync"
-    """`sync` = strictly on-policy; `async` = samplers work on step k+1 while the learner trains on step k."""
+    """`sync` = strictly on-policy (every batch sampled by the weights it is trained on: staleness 0); `async` =
+    samplers work on later steps while the learner trains, each batch at most `max_staleness` versions behind."""
     max_staleness: int = Field(1, ge=0)
-    """Async only: how many policy versions a batch may lag behind the learner."""
+    """Async only: how many policy versions a batch may lag behind the learner (a bound the driver enforces)."""
     data: DataConfig = DataConfig()
     student: ModelSource = ModelSource()
     teacher: TeacherConfig = TeacherConfig()
@@ -358,6 +387,33 @@ class TrainConfig(_Strict):
             problems.append(
                 f"learner.mini_batches_per_step ({self.learner.mini_batches_per_step}) must be <= "
                 f"rollout.prompts_per_step ({self.rollout.prompts_per_step}): each mini-batch holds whole prompt groups"
+            )
+        k = self.learner.weight_push_every
+        if self.mode == "sync" and k > 1:
+            problems.append(
+                f"mode=sync is strictly on-policy, but learner.weight_push_every={k} would train on batches sampled "
+                f"by weights up to {k - 1} step(s) old: use weight_push_every=1, or mode=async with "
+                f"max_staleness >= {k}"
+            )
+        if self.mode == "async" and k > self.max_staleness:
+            problems.append(
+                f"mode=async with learner.weight_push_every={k} needs max_staleness >= {k} (got "
+                f"{self.max_staleness}): a batch lags up to (steps in flight) + {k - 1} versions, and at least one "
+                "step must be in flight; raise max_staleness or lower weight_push_every"
+            )
+        if self.rollout.top_p < 1:
+            problems.append(
+                f"rollout.top_p={self.rollout.top_p:g} is refused: the learner does not apply the nucleus cut-off, "
+                "so the PPO ratio would compare against a distribution that did not produce the samples (use 1.0)"
+            )
+        if (
+            self.loss.mode == "forward_kl_topk"
+            and self.teacher.engine != "transformers"
+            and self.loss.teacher_topk > self.teacher.vllm.max_logprobs
+        ):
+            problems.append(
+                f"loss.teacher_topk ({self.loss.teacher_topk}) must be <= teacher.vllm.max_logprobs "
+                f"({self.teacher.vllm.max_logprobs}): a vLLM teacher returns at most that many log-probs per token"
             )
         for name, res, v in (
             ("rollout", self.rollout.resources, self.rollout.vllm),

@@ -6,13 +6,17 @@
   3. gated     = gating.gate(samples)             teacher replay on positive + negative views -> gate weights
   4. metrics   = learner.train_step(gated)        gated distillation loss, AdamW step, policy version + 1
   5. push      learner weights -> every sampler   (one object-store put, many gets; skipped versions are no-ops)
-In `async` mode step k+1's rollouts are already queued on the samplers while the learner trains on step k; a batch
-is never more than `max_staleness` versions behind, and the PPO ratio uses the sampler's own log-probs. Because each
-sampler executes its calls in order, a weight push queued behind a `generate` never lands inside that batch; every
-batch is checked to carry exactly one policy version.
+`sync` is strictly on-policy: every batch is sampled by the weights it is trained on (staleness 0). In `async` mode
+later steps' rollouts are already queued on the samplers while the learner trains; with weight_push_every = k the
+driver keeps max_staleness - k + 1 steps in flight, so a batch is never more than `max_staleness` versions behind
+(checked every step), and the PPO ratio uses the sampler's own log-probs. Because each sampler executes its calls in
+order, a weight push queued behind a `generate` never lands inside that batch; every batch is checked to carry
+exactly one policy version.
 
-Checkpoints (every N steps, at the end, on SIGTERM) hold model + optimizer + RNG + data position; `resume=True`
-continues from the newest complete one exactly (same next-step loss on CPU).
+Checkpoints (every N steps, at the end, on SIGTERM) hold model + optimizer + RNG + the data position of the first
+prompt not yet trained, plus (async) the sampled trajectories of the steps still in flight; weights are pushed at
+every checkpoint step. So `resume=True` continues from the newest complete one exactly, in both modes: the same
+prompts, the same samples and policy versions, the same next-step loss on CPU.
 """
 
 from __future__ import annotations
@@ -24,7 +28,6 @@ import random
 import signal
 import time
 from collections import deque
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,16 +36,28 @@ import ray
 import torch
 
 from actors.sampler import Sampler
-from gating.teacher import Gating
+from gating.gate import GateTerms, gate_metrics
+from gating.teacher import TERMS_KEY, Gating, merge_stats
 from learner.learner import Learner
 from vzero import checkpoint as ckpt
-from vzero.assets import ensure_data, ensure_model
+from vzero import run_dir
 from vzero.cluster import call_with_retry, check_resources, connect, spawn, wait_ready
-from vzero.config import TrainConfig, dump_config
+from vzero.config import ConfigError, TrainConfig, dump_config
+from vzero.console import progress_line, ray_logs_dir, summary
 from vzero.data.quarantine import QuarantineWriter
 from vzero.data.stream import PromptStream
+from vzero.loop_state import (
+    InFlight,
+    host_rng_state,
+    pushes_to_keep,
+    restore_trajectories,
+    rollout_record,
+    set_host_rng_state,
+)
 from vzero.metrics_log import MetricsLog
-from vzero.records import Prompt, Trajectory
+from vzero.models.compat import TokenizerMismatchError, check_same_tokenizer
+from vzero.preflight import prepare_inputs
+from vzero.records import Trajectory
 from vzero.runtime import derive_seed
 from vzero.telemetry import Telemetry
 from vzero.trajectory_log import write_step
@@ -50,32 +65,20 @@ from vzero.trajectory_log import write_step
 log = logging.getLogger("vzero")
 
 
-@dataclass
-class InFlight:
-    """A step whose rollouts have been submitted but not consumed yet."""
-
-    step: int
-    prompts: list[Prompt]
-    version: int  # the policy version every trajectory of this step must carry
-    chunks: list[list[Prompt]]  # per sampler
-    seeds: list[int]
-    refs: list[Any]
-    submitted_at: float
-    gated: Any = None  # (trajectories, stats) once gated
-    rollout_stats: dict[str, float] = field(default_factory=dict)
-
-
 class Run:
     """Holds the actors and the loop state of one training job."""
 
-    def __init__(self, cfg: TrainConfig, *, resume: bool = False):
+    def __init__(self, cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False):
         self.cfg = cfg
+        prepare_inputs(cfg)  # data, model dirs, engines, resources: a user error stops here, before Ray starts
         self.out = Path(cfg.output_dir)
+        if resume and overwrite:
+            raise ConfigError("--resume continues the run in output_dir and --overwrite deletes it: pass only one")
+        if not resume:
+            run_dir.prepare_fresh(self.out, overwrite=overwrite)
         self.out.mkdir(parents=True, exist_ok=True)
+        _check_tokenizers(cfg)
         (self.out / "config.yaml").write_text(dump_config(cfg))
-        ensure_data(cfg.data)
-        ensure_model(cfg.student)
-        ensure_model(cfg.teacher_model)
         connect(cfg)
         check_resources(cfg)
         self.samplers = [
@@ -93,7 +96,11 @@ class Run:
         self.engines = wait_ready(named)
         log.info("actors ready: %s", "; ".join(self.engines.values()))
         self.transport = self._resolve_transport()
-        self.quarantine = QuarantineWriter(self.out / "quarantine.parquet")
+        latest = ckpt.latest_checkpoint(self.out / "checkpoints") if resume else None
+        if resume:  # drop what steps after the checkpoint wrote (they are trained again)
+            state = json.loads((latest / "trainer_state.json").read_text()) if latest else {"step": 0}
+            run_dir.rewind_outputs(self.out, state["step"], state.get("stream", {}).get("bad_rows", []))
+        self.quarantine = QuarantineWriter(self.out / "quarantine.parquet", mode="a" if latest else "w")
         self.stream = PromptStream(
             cfg.data.path,
             seed=cfg.seed,
@@ -105,52 +112,102 @@ class Run:
         self.telemetry = Telemetry(enabled=cfg.logging.ray_metrics)
         self.step = 0
         self.version = 0
-        self.weight_refs: dict[int, Any] = {}  # recent published versions (async may need an older one again)
+        self.weight_refs: dict[int, Any] = {}  # published pushes a (retried) push may still send, by version
         self.faults = 0  # actor deaths / restarts the loop recovered from
         self.pushed_version = 0  # what the samplers hold (lags self.version when learner.weight_push_every > 1)
+        self.inflight: deque[InFlight] = deque()  # submitted steps not trained yet, oldest first
+        self.saved: tuple[int, Path] | None = None  # (step, directory) of the last checkpoint written or loaded
         self.stop_requested = False
-        if resume:
-            self._resume()
+        if latest is not None:
+            self._resume(latest)
+        elif resume:
+            log.warning("resume: no complete checkpoint under %s; starting from scratch", self.out / "checkpoints")
 
     # -- checkpoint / resume ----------------------------------------------------------------------------------
-    def _resume(self) -> None:
-        latest = ckpt.latest_checkpoint(self.out / "checkpoints")
-        if latest is None:
-            log.warning("resume: no complete checkpoint under %s; starting from scratch", self.out / "checkpoints")
-            return
+    def _resume(self, latest: Path) -> None:
         state = json.loads((latest / "trainer_state.json").read_text())
         self.version = ray.get(self.learner.load.remote(str(latest)))
         self.step = int(state["step"])
         self.stream.load_state_dict(state["stream"])
-        random.setstate(_tuplify(state["python_rng"]))
-        np.random.set_state(_np_state(state["numpy_rng"]))
+        set_host_rng_state(state)
+        self.inflight = self._restore_rollouts(ckpt.load_rollouts(latest))
+        self.saved = (self.step, latest)
         self._publish_weights()
         self._push_all()
-        log.info("resumed from %s (step %d, policy version %d)", latest, self.step, self.version)
+        log.info(
+            "resumed from %s (step %d, policy version %d, %d step(s) in flight restored)",
+            latest,
+            self.step,
+            self.version,
+            len(self.inflight),
+        )
+
+    def _restore_rollouts(self, records: list[dict[str, Any]]) -> deque[InFlight]:
+        """Re-draw the prompts of the checkpoint's in-flight steps (the stream was rewound to the first of them) and
+        attach their stored samples. One that no longer fits the config is sampled again, with the rest after it."""
+        cfg, jobs = self.cfg, deque()
+        bound = cfg.max_staleness if cfg.mode == "async" else 0
+        for rec in (r for r in records if r["step"] < cfg.steps):
+            before = self.stream.position_dict()
+            prompts = self.stream.next_batch(cfg.rollout.prompts_per_step)
+            trajs = restore_trajectories(rec, prompts, n=cfg.rollout.n, staleness=bound)
+            if trajs is None:
+                log.warning("resume: the stored samples of step %d do not fit this config; sampling again", rec["step"])
+                self.stream.load_state_dict(self.stream.state_dict(before))
+                break
+            job = InFlight(rec["step"], prompts, rec["version"], [], [], [], time.perf_counter(), before, trajs)
+            job.rollout_stats = rec["rollout_stats"]
+            jobs.append(job)
+        return jobs
 
     def save_checkpoint(self) -> Path:
         tmp = ckpt.begin(self.out / "checkpoints", self.step)
         ray.get(self.learner.save.remote(str(tmp)))
+        jobs = list(self.inflight)
+        for job in jobs:  # sampled by weights no checkpoint holds: keep the samples themselves
+            self._collect_rollout(job)
         state = {
             "step": self.step,
             "policy_version": self.version,
-            "stream": self.stream.state_dict(),
-            "python_rng": random.getstate(),
-            "numpy_rng": [x.tolist() if isinstance(x, np.ndarray) else x for x in np.random.get_state()],
+            "pushed_version": self.pushed_version,
+            # the first prompt not yet trained: in-flight steps drew theirs already, and are re-drawn on resume
+            "stream": self.stream.state_dict(jobs[0].stream_before if jobs else None),
+            **host_rng_state(),
         }
+        if jobs:
+            ckpt.save_rollouts(tmp, [rollout_record(j) for j in jobs])
         (tmp / "trainer_state.json").write_text(json.dumps(state))
-        return ckpt.commit(tmp, self.cfg.checkpoint.keep_last)
+        final = ckpt.commit(tmp, self.cfg.checkpoint.keep_last)
+        self.saved = (self.step, final)
+        return final
 
     # -- weights ------------------------------------------------------------------------------------------------
     def _publish_weights(self) -> None:
         """One put of the learner's current state into the object store (samplers get it from there)."""
         self.weight_refs[self.version] = self.learner.state_for_push.remote(self.transport)
-        keep = self.version - self.cfg.max_staleness - 1
-        self.weight_refs = {v: r for v, r in self.weight_refs.items() if v >= keep}
+
+    def _push_ref(self, version: int) -> Any:
+        """A push of `version` that is valid now (never one whose CUDA IPC buckets the learner freed)."""
+        ref = self.weight_refs.get(version)
+        if ref is not None:
+            return ref
+        # Released by `_prune_pushes`, which only does so where the learner is idle at that very version when it
+        # is needed again (sync, CUDA IPC: a sampler restarted during the rollout): publish it once more.
+        current = ray.get(self.learner.policy_version.remote())
+        if version != self.version or current != version:
+            raise RuntimeError(f"no push of policy version {version} is kept and the learner is at {current}")
+        self._publish_weights()
+        return self.weight_refs[version]
+
+    def _prune_pushes(self) -> None:
+        """Keep exactly the pushes a retry may still send; the learner frees the others' CUDA IPC buckets."""
+        keep = pushes_to_keep(list(self.inflight), self.pushed_version, mode=self.cfg.mode, transport=self.transport)
+        self.weight_refs = {v: r for v, r in self.weight_refs.items() if v in keep}
+        self.learner.release_push.remote(sorted(keep))
 
     def _push_one(self, sampler: Any, version: int | None = None) -> Any:
         version = self.version if version is None else version
-        return sampler.update_weights.remote(self.weight_refs[version], version)
+        return sampler.update_weights.remote(self._push_ref(version), version)
 
     def _resolve_transport(self) -> str:
         """`auto`: CUDA IPC when every sampler sits on the learner's GPU (zero copy), else the object store."""
@@ -177,7 +234,7 @@ class Run:
             lambda: [self._push_one(s) for s in self.samplers], what="weight push", on_restart=None
         )
         seconds = time.perf_counter() - t0
-        self.learner.release_push.remote()  # every sampler has loaded it: IPC buckets may go
+        self._prune_pushes()  # every sampler has loaded it
         nbytes = max((r.get("bytes", 0.0) for r in results), default=0.0)
         return {
             "weight_push/seconds": seconds,
@@ -190,6 +247,7 @@ class Run:
 
     # -- stages -------------------------------------------------------------------------------------------------
     def _submit_rollout(self, step: int) -> InFlight:
+        before = self.stream.position_dict()
         prompts = self.stream.next_batch(self.cfg.rollout.prompts_per_step)
         k = len(self.samplers)
         chunks = [prompts[i::k] for i in range(k)]
@@ -197,9 +255,11 @@ class Run:
         refs = [
             s.generate.remote(c, seed=sd) if c else None for s, c, sd in zip(self.samplers, chunks, seeds, strict=True)
         ]
-        return InFlight(step, prompts, self.pushed_version, chunks, seeds, refs, time.perf_counter())
+        return InFlight(step, prompts, self.pushed_version, chunks, seeds, refs, time.perf_counter(), before)
 
     def _collect_rollout(self, job: InFlight) -> list[Trajectory]:
+        if job.trajectories is not None:  # collected already (a checkpoint needed it) or restored from one
+            return job.trajectories
         trajectories: list[Trajectory] = []
         seconds, tokens = 0.0, 0.0
         for i, (chunk, ref) in enumerate(zip(job.chunks, job.refs, strict=True)):
@@ -240,6 +300,7 @@ class Run:
             "rollout/mean_response_len": tokens / max(1, len(trajectories)),
             "rollout/stop_frac": sum(t.finish_reason == "stop" for t in trajectories) / max(1, len(trajectories)),
         }
+        job.trajectories = trajectories
         return trajectories
 
     def _submit_gating(self, job: InFlight, trajectories: list[Trajectory]) -> list[Any]:
@@ -253,7 +314,8 @@ class Run:
 
     def _collect_gating(self, job: InFlight, refs: list[Any]) -> tuple[list[Trajectory], dict[str, float]]:
         out: list[Trajectory] = []
-        stats: dict[str, float] = {}
+        parts: list[dict[str, float]] = []
+        terms: list[GateTerms] = []
         for (i, part, prompts), ref in zip(job.gated, refs, strict=True):
 
             def submit(i=i, part=part, prompts=prompts) -> Any:
@@ -263,18 +325,20 @@ class Run:
                 submit, what=f"gating-{i} (step {job.step})", on_restart=self._count_fault, first=ref
             )
             out.extend(trajs)
-            for key, v in st.items():  # several gating actors: token counts add up, the rest is averaged
-                stats[key] = stats.get(key, 0.0) + (v if key.endswith("tokens") else v / len(job.gated))
+            terms.append(st.pop(TERMS_KEY))
+            parts.append(st)
         out.sort(key=lambda t: (t.uid, t.sample_index))  # deterministic order whatever the routing
-        return out, stats
+        gate = self.cfg.gate
+        return out, {**merge_stats(parts), **gate_metrics(terms, w_min=gate.w_min, enabled=gate.enabled)}
 
     # -- the loop -----------------------------------------------------------------------------------------------
     def run(self) -> Path:
         cfg = self.cfg
-        depth = cfg.max_staleness if cfg.mode == "async" else 0
-        inflight: deque[InFlight] = deque()
-        next_step = self.step
-        bar = _progress(cfg, self.step)
+        # A batch submitted d steps ahead, at a version up to k - 1 pushes old, lags d + k - 1 versions at most.
+        depth = cfg.max_staleness - cfg.learner.weight_push_every + 1 if cfg.mode == "async" else 0
+        bound = cfg.max_staleness if cfg.mode == "async" else 0
+        inflight = self.inflight
+        next_step = self.step + len(inflight)
         signal.signal(signal.SIGTERM, self._on_sigterm)
         pending_gate: tuple[InFlight, list[Any]] | None = None
         try:
@@ -304,22 +368,28 @@ class Run:
                     )
                 self.version = int(train_metrics["policy_version"])
                 self.step = job.step + 1
+                if self.version - 1 - job.version > bound:  # by construction never; a bug if it ever fires
+                    raise RuntimeError(
+                        f"step {self.step}: batch of policy version {job.version} trained by version "
+                        f"{self.version - 1}, beyond the staleness bound {bound} of mode={cfg.mode}"
+                    )
+                checkpoint_due = bool(cfg.checkpoint.every) and self.step % cfg.checkpoint.every == 0
                 push = {}
-                if self.step % cfg.learner.weight_push_every == 0 or self.step == cfg.steps:
+                # Pushing at checkpoint steps too makes the samplers of a resumed run hold what they held here.
+                if self.step % cfg.learner.weight_push_every == 0 or self.step == cfg.steps or checkpoint_due:
                     self._publish_weights()
                     push = self._push_all()
                 metrics = self._step_metrics(job, trajectories, gate_stats, train_metrics, push, t_step)
-                if cfg.logging.save_trajectories:
-                    write_step(self.out / "trajectories", job.step, trajectories)
-                record = self.metrics.log(self.step, metrics)
+                if cfg.logging.save_trajectories:  # numbered like metrics and checkpoints: after step N, file N
+                    write_step(self.out / "trajectories", self.step, trajectories)
+                record = self.metrics.log(self.step, metrics, trajectories)
                 self.telemetry.record(record, [t.weight for t in trajectories])
-                bar.update(1)
-                bar.set_postfix(loss=f"{metrics['loss']:.4f}", w=f"{metrics.get('gate/weight_mean', 1):.2f}")
-                if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and self.step < cfg.steps:
+                if cfg.logging.progress_bar:
+                    print(progress_line(self.step, cfg.steps, metrics), flush=True)
+                if checkpoint_due and self.step < cfg.steps:
                     self.save_checkpoint()
-            final = self.save_checkpoint()
+            final = self.saved[1] if self.saved and self.saved[0] == self.step else self.save_checkpoint()
         finally:
-            bar.close()
             self.metrics.close()
             self.quarantine.close()
         return final
@@ -350,39 +420,61 @@ class Run:
             ray.kill(a, no_restart=True)
 
 
-def _progress(cfg: TrainConfig, start: int):
-    from tqdm import tqdm
+def _check_tokenizers(cfg: TrainConfig) -> None:
+    """A separate teacher must share the student's token ids (it replays the student's responses id by id)."""
+    if cfg.teacher.model is None:
+        return
+    try:
+        check_same_tokenizer(
+            cfg.student.path,
+            cfg.teacher.model.path,
+            student_remote_code=cfg.student.trust_remote_code,
+            teacher_remote_code=cfg.teacher.model.trust_remote_code,
+        )
+    except TokenizerMismatchError as exc:
+        raise ConfigError(f"teacher.model.path: {exc}") from None
 
-    return tqdm(total=cfg.steps, initial=start, desc="vzero", unit="step", disable=not cfg.logging.progress_bar)
 
+def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) -> Path:
+    """Run a whole job; returns the final checkpoint directory.
 
-def _tuplify(x: Any) -> Any:
-    return tuple(_tuplify(v) for v in x) if isinstance(x, list) else x
-
-
-def _np_state(x: list[Any]) -> tuple:
-    return (x[0], np.asarray(x[1], dtype=np.uint32), *x[2:])
-
-
-def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
-    """Run a whole job; returns the final checkpoint directory."""
+    A fresh run into an output_dir that holds a run raises ConfigError unless `overwrite` (which deletes that run's
+    outputs first); `resume` of a run that already reached `steps` says so and returns, starting nothing."""
+    out = Path(cfg.output_dir)
+    done = run_dir.finished_checkpoint(out, cfg.steps) if resume and not overwrite else None
+    if done is not None:
+        print(
+            f"V-Zero run in {out} is already finished: its checkpoint {done.name} reached steps={cfg.steps}; "
+            "nothing to do (raise steps to train further)",
+            flush=True,
+        )
+        print(json.dumps({"output_dir": str(out), "checkpoint": str(done), "steps": ckpt.checkpoint_step(done)}))
+        return done
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed % (2**32))
     owns_cluster = not ray.is_initialized() and not (cfg.ray.address or os.environ.get("RAY_ADDRESS"))
-    run = Run(cfg, resume=resume)
+    t0 = time.perf_counter()
+    run = Run(cfg, resume=resume, overwrite=overwrite)
+    logs_dir = ray_logs_dir() if owns_cluster else None
     try:
         final = run.run()
     finally:
         run.shutdown()
         if owns_cluster:  # flush the actors' last log lines before the summary, and free the local cluster
             ray.shutdown()
-    out = run.out
+    lg = cfg.logging
     print(
-        f"V-Zero run finished: {run.step} steps\n"
-        f"  metrics       {out / 'metrics.jsonl'}  (tensorboard --logdir {out / 'tb'})\n"
-        f"  trajectories  {out / 'trajectories'}/step_*.parquet\n"
-        f"  checkpoint    {final}  (an HF model dir in model/; continue with --resume)",
+        summary(
+            out,
+            steps=run.step,
+            checkpoint=final,
+            seconds=time.perf_counter() - t0,
+            quarantined=run.stream.quarantined,
+            trajectories=lg.save_trajectories,
+            tensorboard=lg.tensorboard,
+            logs_dir=logs_dir,
+        ),
         flush=True,
     )
     print(json.dumps({"output_dir": str(out), "checkpoint": str(final), "steps": run.step}), flush=True)

@@ -6,7 +6,9 @@ predict them sit one position earlier. We ask the model for only the last max_T 
 
 Outputs are [B, max_T] with a mask; row i's valid tokens are its first T_i columns (response order), the same
 layout the gate and the losses take. Log-probs are log_softmax of the raw logits (temperature 1), matching vLLM's
-default `raw_logprobs`, so sampler, teacher and learner numbers are comparable.
+default `raw_logprobs`, so sampler, teacher and learner numbers are comparable. A learner whose samplers draw at
+another temperature asks for `temperature` and `banned_ids`: the log-probs of the distribution actually sampled,
+log_softmax((logits with the never-sampled ids at -inf) / temperature), as vLLM's `processed_logprobs` reports them.
 """
 
 from __future__ import annotations
@@ -42,8 +44,13 @@ def response_logprobs(
     *,
     topk: int = 0,
     return_logits: bool = False,
+    temperature: float = 1.0,
+    banned_ids: list[int] | None = None,
 ) -> ResponseLogprobs:
-    """Teacher-forced log-probs of each row's response tokens. Gradients flow iff the caller enables them."""
+    """Teacher-forced log-probs of each row's response tokens. Gradients flow iff the caller enables them.
+
+    `temperature` != 1 (with the `banned_ids` a sampler never emits) gives the sampled distribution's log-probs;
+    top-k and the returned logits stay raw."""
     T = batch.max_response
     B = batch.input_ids.shape[0]
     device = batch.input_ids.device
@@ -53,8 +60,13 @@ def response_logprobs(
     out = model(**batch.model_inputs(), logits_to_keep=T + 1, use_cache=False)
     logits = out.logits[:, -(T + 1) : -1, :].float()  # position j predicts token j+1
     targets = batch.input_ids[:, -T:]
-    logp = torch.log_softmax(logits, dim=-1)
-    token_lp = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    logp = torch.log_softmax(logits, dim=-1) if temperature == 1.0 or topk else None
+    if temperature == 1.0:
+        token_lp = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    else:  # gather minus logsumexp: one [B, T, V] copy more, not two
+        banned = torch.tensor(banned_ids or [], dtype=torch.long, device=device)
+        scaled = logits.index_fill(-1, banned, float("-inf")) / temperature
+        token_lp = scaled.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(scaled, dim=-1)
     lengths = batch.response_lengths
     mask = torch.zeros((B, T), dtype=torch.bool, device=device)
     for i, n in enumerate(lengths):

@@ -40,7 +40,7 @@ class Trajectory:
     # student side (full image)
     prompt_ids: list[int]  # chat-formatted prompt, ONE image pad token per image (engines expand it)
     response_ids: list[int]  # (T,) sampled tokens y_1..y_T (includes the stop token when one was sampled)
-    lp_old: list[float]  # (T,) log p_sampler(y_t | ...) at sampling time (raw logits, temperature 1)
+    lp_old: list[float]  # (T,) log p_sampler(y_t | ...) at sampling time, under the distribution sampled
     finish_reason: str  # "stop" | "length"
     # teacher side, filled in by the gating actor (response-aligned, (T,) each)
     lp_pos: list[float] | None = None  # log p_teacher(y_t | positive view, question, y_<t)

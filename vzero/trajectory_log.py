@@ -1,9 +1,12 @@
 """Every step's trajectories as Parquet, with the per-token teacher log-probs.
 
 The authors' code keeps no per-token teacher log-probs; with them the gate (α, γ, level, bounds) can be re-tuned and
-re-evaluated offline without running the teacher again. Columns: uid (= group id), sample_index, policy_version,
-prompt_ids, response_ids, lp_old, lp_pos, lp_neg (float32 lists, exactly the values the gate saw), weight,
-token_weights, finish_reason, negative_mode.
+re-evaluated offline without running the teacher again. Columns: step, uid (= group id), sample_index,
+policy_version, prompt_ids, response_ids, lp_old, lp_pos, lp_neg (float32 lists, exactly the values the gate saw),
+weight, token_weights, finish_reason, negative_mode.
+
+Steps are numbered like metrics.jsonl and the checkpoints, from 1: `step_000003.parquet` holds the trajectories
+trained in the step logged as step 3 and saved as `checkpoints/step_000003`.
 """
 
 from __future__ import annotations
@@ -35,6 +38,9 @@ SCHEMA = pa.schema(
 
 
 def write_step(directory: Path, step: int, trajectories: list[Trajectory]) -> Path:
+    """Write `step_<step>.parquet` atomically (`step` counts from 1, as in the metrics)."""
+    if step < 1:
+        raise ValueError(f"steps are numbered from 1, got {step}")
     directory.mkdir(parents=True, exist_ok=True)
     cols = {name: [] for name in SCHEMA.names}
     for t in trajectories:

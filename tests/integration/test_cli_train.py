@@ -52,8 +52,8 @@ def test_vzero_train_cli_on_data_with_unreadable_answers(tmp_path, synth_data, t
     model_dir = out / "checkpoints/step_000003/model"
     assert (model_dir / "config.json").is_file() and list(model_dir.glob("*.safetensors"))
     assert (model_dir / "tokenizer.json").is_file(), "a checkpoint is a complete model dir (vLLM can serve it)"
-    assert sorted(p.name for p in (out / "trajectories").iterdir()) == [f"step_{i:06d}.parquet" for i in range(3)]
-    traj = pq.read_table(out / "trajectories/step_000000.parquet")
+    assert sorted(p.name for p in (out / "trajectories").iterdir()) == [f"step_{i:06d}.parquet" for i in (1, 2, 3)]
+    traj = pq.read_table(out / "trajectories/step_000001.parquet")
     assert {
         "uid",
         "sample_index",

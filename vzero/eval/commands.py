@@ -53,11 +53,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.add_argument("--limit", type=_positive_int, default=None, help="only the first N rows of the file")
     p.add_argument("--max-tokens", type=_positive_int, default=16, help="longest answer in tokens (default 16)")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
+    p.add_argument("--system-prompt", default=None, help="system turn text (default: none, as the authors)")
+    p.add_argument(
+        "--enable-thinking", action="store_true", help="let the model reason first (default: off, as the authors)"
+    )
     p.add_argument("--out", type=Path, default=None, help="also write the JSON object here")
     p.set_defaults(func=_eval)
 
 
 def _eval(args: argparse.Namespace) -> int:
+    from vzero.config import ChatOptions
     from vzero.data.schema import DataFileError
     from vzero.eval.evaluate import evaluate
     from vzero.views import DEFAULT_MARGIN
@@ -74,6 +79,7 @@ def _eval(args: argparse.Namespace) -> int:
             margin=DEFAULT_MARGIN if args.margin is None else args.margin,
             max_tokens=args.max_tokens,
             device=args.device,
+            chat=ChatOptions(system_prompt=args.system_prompt, enable_thinking=args.enable_thinking),
         )
     except (DataFileError, FileNotFoundError) as e:
         print(f"vzero eval: {e}", file=sys.stderr)

@@ -8,7 +8,8 @@ Contract of `evaluate(model_dir, data_path, views=..., engine=...)`:
   (`vzero.data.validate.validate_row`, first id wins on duplicates) plus the label itself (`missing_field:answer`,
   `wrong_type:answer`, `answer_empty`). Invalid rows are counted by reason in `invalid_reasons`, never silently
   dropped; accuracy is over the rows that were evaluated (`evaluated = rows - invalid`).
-- the prompt is the training chat prompt (`chat_prompt_ids`) with ONE image: the full image (`views="full"`, what the
+- the prompt is the training chat prompt (`chat_prompt_ids`, with the model's template options `chat`: no system
+  turn and thinking off by default, as the authors train) with ONE image: the full image (`views="full"`, what the
   student sees) or the evidence crop (`views="crop"`: the positive view the teacher sees: `pos_image` when the row
   carries one, else `positive_view(image, evidence_box, margin)`), at the given pixel budget (default: the model
   directory's own processor budget).
@@ -35,7 +36,7 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
-from vzero.config import EngineKind, ModelSource, VLLMOptions
+from vzero.config import ChatOptions, EngineKind, ModelSource, VLLMOptions
 from vzero.data import schema as S
 from vzero.data.validate import (
     DEFAULT_MAX_PIXELS,
@@ -184,6 +185,7 @@ def evaluate(
     margin: float = DEFAULT_MARGIN,
     max_tokens: int = 16,
     device: str | None = None,
+    chat: ChatOptions | None = None,
     batch_size: int = 32,
     chunk: int = 256,
     return_predictions: bool = False,
@@ -194,7 +196,7 @@ def evaluate(
     min_pixels, max_pixels = min_pixels or own_min, max_pixels or own_max
     min_pixels = min(min_pixels, max_pixels)  # a budget given as max only must not fall below the model's minimum
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    source = ModelSource(path=str(model_dir), min_pixels=min_pixels, max_pixels=max_pixels)
+    source = ModelSource(path=str(model_dir), min_pixels=min_pixels, max_pixels=max_pixels, chat=chat or ChatOptions())
     eng = create_engine(engine, source, device=device, vllm=VLLMOptions(max_model_len=2048), batch_size=batch_size)
     greedy = SamplingSpec(n=1, temperature=0.0, top_p=1.0, max_tokens=max_tokens, seed=0)
     invalid: Counter[str] = Counter()
@@ -205,8 +207,8 @@ def evaluate(
     def flush(pending: list[LabeledRow]) -> None:
         requests = [
             GenerateRequest(
-                chat_prompt_ids(eng.tokenizer, r.prompt.question),
-                eval_image(r.prompt, views, margin=margin, max_pixels=max_pixels),
+                chat_prompt_ids(eng.tokenizer, r.prompt.question, source.chat),
+                [eval_image(r.prompt, views, margin=margin, max_pixels=max_pixels)],
             )
             for r in pending
         ]

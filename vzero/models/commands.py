@@ -6,6 +6,7 @@ and prints ONE JSON line (path, arch, preset, dtype, seed, params), so scripts c
 
     vzero model tiny --out /tmp/tiny-qwen2-vl
     vzero model tiny --out /tmp/qwen25-3b --arch qwen2_5_vl --preset 3b --device cuda
+    vzero model tiny --out /tmp/qwen35-4b --arch qwen3_5 --preset 4b --device cuda   # the paper's student shapes
     python -m vzero.models.commands model tiny --out DIR  # same, without the project CLI
 """
 
@@ -42,21 +43,24 @@ def _run_tiny(args: argparse.Namespace) -> int:
 def _add_tiny(subparsers: argparse._SubParsersAction) -> None:
     tiny = subparsers.add_parser(
         "tiny",
-        help="build a random-init Qwen2-VL / Qwen2.5-VL model directory (no download)",
-        description="Random weights, a locally trained tokenizer and the Qwen2-VL processor, saved with "
-        "save_pretrained so transformers and vLLM both load the directory.",
+        help="build a random-init Qwen2-VL / Qwen2.5-VL / Qwen3-VL / Qwen3.5 model directory (no download)",
+        description="Random weights, a locally trained tokenizer and the family's processor and chat template, "
+        "saved with save_pretrained so transformers and vLLM both load the directory.",
     )
     tiny.add_argument("--out", required=True, help="directory to write (created if missing)")
     tiny.add_argument("--arch", choices=ARCHS, default="qwen2_vl", help="model family (default: %(default)s)")
     tiny.add_argument(
-        "--preset", choices=SIZES, default="tiny", help="tiny: CPU tests; small: toy runs; 3b: real shapes"
+        "--preset",
+        choices=SIZES,
+        default="tiny",
+        help="tiny: CPU tests; small: toy runs; 3b (Qwen2 families) / 4b (Qwen3 families): real shapes",
     )
     tiny.add_argument("--seed", type=int, default=0, help="weight init seed (default: %(default)s)")
     tiny.add_argument(
         "--dtype",
         choices=("float32", "bfloat16", "float16"),
         default=None,
-        help="weight dtype (default: float32 for tiny/small, bfloat16 for 3b)",
+        help="weight dtype (default: float32 for tiny/small, bfloat16 for 3b/4b)",
     )
     tiny.add_argument("--device", default="cpu", help="where to initialise the weights: cpu, cuda, cuda:1 ...")
     tiny.set_defaults(func=_run_tiny)

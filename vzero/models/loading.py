@@ -138,7 +138,7 @@ def _tokenizer_of(processor_or_tokenizer: Any) -> Any:
 def _token_id(tokenizer: Any, token: str) -> int:
     token_id = tokenizer.convert_tokens_to_ids(token)
     if token_id is None or tokenizer.convert_ids_to_tokens(token_id) != token:
-        raise ValueError(f"the tokenizer has no {token!r} token: is this a Qwen2-VL / Qwen2.5-VL processor?")
+        raise ValueError(f"the tokenizer has no {token!r} token: is this a Qwen-VL processor?")
     return int(token_id)
 
 

@@ -1,18 +1,21 @@
-"""A small Qwen2-style tokenizer built locally, so tiny models need no hub download.
+"""A small Qwen-style tokenizer built locally, so tiny models need no hub download.
 
-Contract: `build_tokenizer(vocab_size)` trains a byte-level BPE with the `tokenizers` library on a fixed
-built-in corpus and returns a `Qwen2Tokenizer` whose length is exactly `vocab_size`: the trained BPE
-ids come first and the 14 Qwen2-VL special tokens take the last 14 ids, the same layout as the real
-Qwen tokenizer (BPE vocab, then `<|endoftext|>`, `<|im_start|>`, ... at the tail). It uses Qwen2's own
-normalizer, pre-tokenizer regex and byte-level decoder (the `Qwen2Tokenizer` class rebuilds them from
-vocab + merges), carries the Qwen2-VL chat template, eos `<|im_end|>` and pad `<|endoftext|>`.
+Contract: `build_tokenizer(vocab_size, arch=...)` trains a byte-level BPE with the `tokenizers` library on a fixed
+built-in corpus and returns the family's tokenizer class (`Qwen2Tokenizer`; `Qwen3_5Tokenizer` for Qwen3.5) whose
+length is exactly `vocab_size`: the trained BPE ids come first and the family's special tokens take the last ids
+(the 14 Qwen2-VL ones, then `<think>` / `</think>` for the Qwen3 families), the same layout as the real Qwen
+tokenizers (BPE vocab, then `<|endoftext|>`, `<|im_start|>`, ... at the tail). It uses Qwen2's own normalizer,
+pre-tokenizer regex and byte-level decoder (the tokenizer classes rebuild them from vocab + merges), carries the
+family's chat template (`vzero.models.chat_templates`), eos `<|im_end|>` and pad `<|endoftext|>`. Families with
+the same special tokens get the same ids for the same text (Qwen3-VL and Qwen3.5 tiny models share a vocabulary,
+so one can teach the other).
 
 The corpus is weighted towards the synthetic task's words (colours, shapes, digits, question templates)
 so that every answer word is ONE token, with and without a leading space: a one-word answer is then one
 sampled token plus `<|im_end|>`, which keeps toy experiments easy to read. The same call always gives the
 same files (the corpus is a constant and BPE training is deterministic).
 
-Knows nothing about models or images. Run `python -m vzero.models.tokenizer OUT_DIR [VOCAB]` to write one.
+Knows nothing about models or images. Run `python -m vzero.models.tokenizer OUT_DIR [VOCAB [ARCH]]` to write one.
 """
 
 from __future__ import annotations
@@ -21,9 +24,12 @@ import itertools
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
-from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-from transformers import Qwen2Tokenizer
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerBase
+
+from vzero.models.families import get_family
 
 # Qwen2's pre-tokenizer split (transformers/models/qwen2/tokenization_qwen2.py); digits split one by one.
 _QWEN2_SPLIT = (
@@ -65,26 +71,6 @@ DIGITS: tuple[str, ...] = tuple("0123456789")
 ANSWER_WORDS: tuple[str, ...] = COLORS + SHAPES + DIGITS + ("yes", "no")
 
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
-
-# Qwen2-VL-Instruct's chat template (chat_template.json of Qwen/Qwen2-VL-7B-Instruct), unchanged.
-CHAT_TEMPLATE = (
-    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
-    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
-    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
-    "<|im_start|>{{ message['role'] }}\n"
-    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
-    "{% else %}{% for content in message['content'] %}"
-    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
-    "{% set image_count.value = image_count.value + 1 %}"
-    "{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}"
-    "<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif content['type'] == 'video' or 'video' in content %}"
-    "{% set video_count.value = video_count.value + 1 %}"
-    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}"
-    "<|vision_start|><|video_pad|><|vision_end|>"
-    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
-    "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
 
 _SIZES = ("small", "large", "big", "tiny")
 _PLACES = ("left", "right", "top", "bottom", "center", "middle", "corner")
@@ -186,20 +172,27 @@ def _train_bpe(n_tokens: int) -> tuple[dict[str, int], list[tuple[str, str]]]:
     return vocab, merges
 
 
-def build_tokenizer(vocab_size: int, out_dir: str | Path | None = None) -> Qwen2Tokenizer:
-    """Build the Qwen2-style tokenizer with exactly `vocab_size` ids; save it to `out_dir` if given.
+def family_tokens(arch: str = "qwen2_vl") -> tuple[str, ...]:
+    """The tokens at the tail of `arch`'s vocabulary, in id order: the 14 Qwen2-VL specials, then the family's
+    extra tokens (`<think>`, `</think>` for Qwen3-VL / Qwen3.5; added, not special, as in the released tokenizers)."""
+    return SPECIAL_TOKENS + get_family(arch).extra_tokens
 
-    `vocab_size` counts the 14 special tokens, so ids run 0..vocab_size-1 and `len(tokenizer)` equals
-    it: set the model's vocab to the same number and no logit is left without a token.
+
+def build_tokenizer(vocab_size: int, out_dir: str | Path | None = None, *, arch: str = "qwen2_vl") -> Any:
+    """Build `arch`'s tokenizer with exactly `vocab_size` ids; save it to `out_dir` if given.
+
+    `vocab_size` counts the tail tokens (`family_tokens`), so ids run 0..vocab_size-1 and `len(tokenizer)`
+    equals it: set the model's vocab to the same number and no logit is left without a token.
     """
-    n_special = len(SPECIAL_TOKENS)
-    if vocab_size < 256 + n_special:
-        raise ValueError(f"vocab_size={vocab_size} is too small: a byte-level BPE needs 256 + {n_special} ids")
-    vocab, merges = _train_bpe(vocab_size - n_special)
-    # Placing the specials in the vocab at the tail ids pins them there: `Qwen2Tokenizer` would otherwise
+    family = get_family(arch)
+    tail = family_tokens(arch)
+    if vocab_size < 256 + len(tail):
+        raise ValueError(f"vocab_size={vocab_size} is too small: a byte-level BPE needs 256 + {len(tail)} ids")
+    vocab, merges = _train_bpe(vocab_size - len(tail))
+    # Placing the specials in the vocab at the tail ids pins them there: the tokenizer class would otherwise
     # append them in its own order (eos first), unlike Qwen's `<|endoftext|>`, `<|im_start|>`, `<|im_end|>`.
-    vocab = {**vocab, **{t: len(vocab) + i for i, t in enumerate(SPECIAL_TOKENS)}}
-    tokenizer = Qwen2Tokenizer(
+    vocab = {**vocab, **{t: len(vocab) + i for i, t in enumerate(tail)}}
+    tokenizer = family.transformers_class("tokenizer")(
         vocab=vocab,
         merges=merges,
         unk_token=None,
@@ -212,21 +205,25 @@ def build_tokenizer(vocab_size: int, out_dir: str | Path | None = None) -> Qwen2
         split_special_tokens=False,
         clean_up_tokenization_spaces=False,
     )
-    tokenizer.chat_template = CHAT_TEMPLATE
-    _check_layout(tokenizer, vocab_size)
+    if family.extra_tokens:  # already in the vocab: registering them only makes them unsplittable
+        tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in family.extra_tokens])
+    tokenizer.chat_template = family.chat_template
+    _check_layout(tokenizer, vocab_size, tail)
     if out_dir is not None:
         tokenizer.save_pretrained(str(out_dir))
     return tokenizer
 
 
-def _check_layout(tokenizer: Qwen2Tokenizer, vocab_size: int) -> None:
-    """Fail loudly unless the specials are the last 14 ids in Qwen order (a library upgrade could move them)."""
-    first = vocab_size - len(SPECIAL_TOKENS)
-    got = tokenizer.convert_tokens_to_ids(list(SPECIAL_TOKENS))
+def _check_layout(tokenizer: PreTrainedTokenizerBase, vocab_size: int, tail: tuple[str, ...]) -> None:
+    """Fail loudly unless the tail tokens hold the last ids in Qwen order (a library upgrade could move them)."""
+    first = vocab_size - len(tail)
+    got = tokenizer.convert_tokens_to_ids(list(tail))
     want = list(range(first, vocab_size))
     if got != want or len(tokenizer) != vocab_size:
         raise RuntimeError(f"special token ids {got} (len {len(tokenizer)}), expected {want} (len {vocab_size})")
 
 
 if __name__ == "__main__":
-    build_tokenizer(int(sys.argv[2]) if len(sys.argv) > 2 else 512, out_dir=sys.argv[1])
+    # python -m vzero.models.tokenizer OUT_DIR [VOCAB [ARCH]]
+    args = [*sys.argv[1:], "512", "qwen2_vl"][:3]
+    build_tokenizer(int(args[1]), out_dir=args[0], arch=args[2])

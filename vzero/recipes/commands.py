@@ -3,6 +3,7 @@
     scripts/loopback.sh vzero recipe toy --out results/toy                     # full CPU run (~25 min on 2 cores)
     scripts/loopback.sh vzero recipe toy --smoke --out /tmp/toy-smoke          # reduced, a couple of minutes
     vzero recipe toy --preset small --device cuda --out results/toy-small      # the GPU-sized toy
+    scripts/loopback.sh vzero recipe toy --smoke --arch qwen3_5 --out /tmp/toy-q35   # another model family
 
 `toy` writes results.json, results.md and accuracy_vs_step.png to --out and keeps data, models and runs under --work
 (default runs/toy, or runs/toy-smoke with --smoke); finished pieces found there are reused, so a re-run after a crash
@@ -18,6 +19,8 @@ import shlex
 import sys
 from pathlib import Path
 
+from vzero.models.families import ARCHS
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Add `recipe toy` and `recipe prior-trap`; sets `func(args) -> int`."""
@@ -32,6 +35,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     toy.add_argument("--work", type=Path, default=None, help="data, models, runs (default runs/toy[-smoke])")
     toy.add_argument("--seeds", type=int, nargs="+", default=None, help="distillation seeds (default 0 1 2)")
     toy.add_argument("--preset", choices=("tiny", "small"), default="tiny", help="model size (small: GPU-sized)")
+    toy.add_argument("--arch", choices=ARCHS, default="qwen2_vl", help="model family (default: %(default)s)")
     toy.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where models run (default cpu)")
     toy.add_argument("--steps", type=int, default=None, help="label-free steps per run (default from the plan)")
     toy.add_argument("--lr", type=float, default=None, help="label-free learning rate (default from the plan)")
@@ -54,6 +58,7 @@ def _toy(args: argparse.Namespace) -> int:
         args.preset,
         smoke=args.smoke,
         device=args.device,
+        arch=args.arch,
         seeds=seeds,
         steps=args.steps,
         context=args.context,

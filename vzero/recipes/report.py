@@ -11,6 +11,8 @@ from typing import Any
 
 import numpy as np
 
+from vzero.models.families import get_family
+
 
 def mean_std(xs: list[float]) -> dict[str, float]:
     return {"mean": statistics.fmean(xs), "std": statistics.stdev(xs) if len(xs) > 1 else 0.0, "n": len(xs)}
@@ -102,7 +104,8 @@ def render_markdown(results: dict[str, Any]) -> str:
             "",
             f"Command: `{results['command']}` ({results['machine']}; {results['total_seconds'] / 60:.1f} min in all).",
             "",
-            f"Setup: Qwen2-VL `{plan['preset']}` teacher fine-tuned with labels on evidence crops "
+            f"Setup: {get_family(plan.get('arch', 'qwen2_vl')).title} `{plan['preset']}` teacher fine-tuned with "
+            "labels on evidence crops "
             f"({plan['teacher_steps']} steps, {plan['teacher_pixels']} px); student = a copy of it on its own view "
             f"(context window {plan['context']} x the target side, {plan['student_pixels']} px; 0 = whole image); "
             f"synth {plan['image_size']} px, {plan['n_train']} train / {plan['n_eval']} held-out rows; label-free "
@@ -128,8 +131,9 @@ def render_markdown(results: dict[str, Any]) -> str:
             "",
             "## Gate diagnostics",
             "",
-            "Means over steps and seeds. The first four columns are the logged `gate/*` metrics (for opd: what the "
-            "gate would have said; weights of 1 were applied). The last three use the labels, for evaluation only: "
+            "Means over steps and seeds. The first four columns are the logged `gate/*` metrics (for opd the logged "
+            "`gate_would/*`: what the gate would have said; weights of 1 were applied). The last three use the "
+            "labels, for evaluation only: "
             "the fraction of sampled training answers that were correct, and the mean sequence-gate weight "
             "(recomputed with α=0.5, γ=1 from the logged teacher log-probs) of correct vs wrong samples.",
             "",

