@@ -340,14 +340,21 @@ def start_cluster(overrides: list[str], attempts: int = 4) -> None:
 
 
 def run_prior_trap(
-    out: Path, plan: TrapPlan, work: Path, command: str = "", *, require_premises: bool = False
+    out: Path,
+    plan: TrapPlan,
+    work: Path,
+    command: str = "",
+    *,
+    require_premises: bool = False,
+    report_only: bool = False,
 ) -> dict[str, Any]:
-    """Steps 1-5 (module docstring); writes results.json, results.md and the plots to `out`."""
+    """Steps 1-5 (module docstring); writes results.json, results.md and the plots to `out`. `report_only`: train
+    nothing, report the runs that finished (the others are listed under `missing_runs`)."""
     import ray
 
     from vzero.recipes.prior_trap_diagnostics import run_diagnostics
     from vzero.recipes.prior_trap_report import write_report
-    from vzero.recipes.toy import train_run
+    from vzero.recipes.toy import finished_run, train_run
 
     t_start = time.perf_counter()
     cpu_threads(plan)
@@ -361,10 +368,11 @@ def run_prior_trap(
         raise RuntimeError(f"premise(s) failed: {failed}; see {work / 'premises.json'}")
     base = prem["student_init_greedy"]
     runs: dict[str, dict[str, Any]] = {m: {} for m in plan.methods}
+    missing: list[str] = []
     best = None
     own_cluster = not ray.is_initialized()
     try:
-        if own_cluster:  # one local cluster for all runs (the driver reuses a connected one)
+        if own_cluster and not report_only:  # one local cluster for all runs (the driver reuses a connected one)
             start_cluster(run_overrides(plan, "opd", 0, models, data["train"], work / "runs" / "cluster"))
         # Seeds outer, so an interrupted experiment still has complete seeds; best-k3 needs every k1 result first.
         order = [(m, seed) for seed in plan.seeds for m in plan.methods if m != BEST_K3]
@@ -376,6 +384,9 @@ def run_prior_trap(
             run_dir = work / "runs" / f"{name}-seed{seed}"
             ov = run_overrides(plan, method, seed, models, data["train"], run_dir, best)
             command = f"vzero train --config {BASE_CONFIG.relative_to(REPO)} " + " ".join(ov)
+            if report_only and finished_run(ov) is None:
+                missing.append(f"{method}/{seed}")
+                continue
             run, wall = train_run(ov)
             runs.setdefault(method, {})[str(seed)] = {
                 "run_dir": str(run),
@@ -399,6 +410,7 @@ def run_prior_trap(
         "methods": {m: list(method_overrides(m, best)) for m in plan.methods},
         "best_gate_for_k3": best,
         "runs": runs,
+        "missing_runs": missing,
         "total_seconds": time.perf_counter() - t_start,
     }
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")

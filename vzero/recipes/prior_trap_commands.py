@@ -34,6 +34,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument("--lr", type=float, default=None, help="label-free learning rate (default from the plan)")
     p.add_argument("--methods", nargs="+", default=None, help="subset of methods to run (default: all)")
     p.add_argument("--require-premises", action="store_true", help="stop before the runs if a premise fails")
+    p.add_argument("--report-only", action="store_true", help="train nothing: report the runs that finished")
     p.add_argument("--smoke", action="store_true", help="tiny sizes, 1 seed, 2 steps (CI)")
     p.set_defaults(func=_prior_trap)
 
@@ -56,7 +57,9 @@ def _prior_trap(args: argparse.Namespace) -> int:
     )
     work = args.work or Path("runs/prior-trap-smoke" if args.smoke else "runs/prior-trap")
     command = "vzero " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else "vzero recipe prior-trap"
-    res = run_prior_trap(args.out, plan, work, command=command, require_premises=args.require_premises)
+    res = run_prior_trap(
+        args.out, plan, work, command=command, require_premises=args.require_premises, report_only=args.report_only
+    )
     line = {m: [r["curve"][-1]["p_rate"][TRAP] for r in per.values()] for m, per in res["runs"].items()}
     print(json.dumps({"out": str(args.out), "best_gate_for_k3": res["best_gate_for_k3"], "trap_p_rate": line}))
     return 0

@@ -146,30 +146,42 @@ def render_markdown(results: dict[str, Any]) -> str:
             d = paired(runs, m, ref, get)
             cells.append("n/a" if d is None else f"{d['mean']:+.1f} ± {d['std']:.1f}")
         diffs.append(f"| {m} | {ref} | " + " | ".join(cells) + " |")
-    steps = [p["step"] for p in next(iter(next(iter(runs.values())).values()))["curve"]]
+    first = next(r for per in runs.values() for r in per.values())
+    steps = [p["step"] for p in first["curve"]]
     curve = ["| method | " + " | ".join(f"step {s}" for s in steps) + " |", "|---" * (len(steps) + 1) + "|"]
     for m, per in runs.items():
+        if not per:
+            continue
         pts = [statistics.fmean(r["curve"][i]["p_rate"][TRAP] for r in per.values()) for i in range(len(steps))]
         curve.append(f"| {m} | " + " | ".join(pct(x) for x in pts) + " |")
     diag = [
-        "| method | w(P) applied | w(non-P) applied | w(P) gate α=1 | w(correct) gate α=1 | at w_min | "
-        "sampled P share, first → last 10 steps (%) | grad cosine gate vs ones | grad norm ratio |",
-        "|---" * 9 + "|",
+        "| method | samples P / correct / other (%) | applied w: P | correct | other | at w_min | gate α=1 w: P | "
+        "correct | other | sampled P share, first → last 10 steps (%) | grad cosine gate vs ones | grad norm ratio |",
+        "|---" * 13 + "|",
     ]
     for m, per in runs.items():
         ds = [r["diagnostics"] for r in per.values()]
-        cells = [
-            num(_over(ds, lambda d: d["trap_weight_p"])),
-            num(_over(ds, lambda d: d["trap_weight_non_p"])),
-            num(_over(ds, lambda d: d["classes"][TRAP]["trap"]["gate_a1"])),
-            num(_over(ds, lambda d: d["classes"][TRAP]["correct"]["gate_a1"])),
-            pct(_over(ds, lambda d: d["frac_at_w_min"])) + " %",
+        if not ds:
+            continue
+
+        def cls(d, c, key):
+            return d["classes"][TRAP][c][key]
+
+        counts = [_over(ds, lambda d, c=c: cls(d, c, "samples")) or 0 for c in ("trap", "correct", "other")]
+        shares = " / ".join(f"{100 * x / max(1, sum(counts)):.0f}" for x in counts)
+        cells = [shares]
+        cells += [num(_over(ds, lambda d, c=c: cls(d, c, "applied"))) for c in ("trap", "correct", "other")]
+        cells.append(pct(_over(ds, lambda d: d["frac_at_w_min"])) + " %")
+        cells += [num(_over(ds, lambda d, c=c: cls(d, c, "gate_a1"))) for c in ("trap", "correct", "other")]
+        cells += [
             f"{pct(_over(ds, lambda d: _p_share(d, slice(0, 10))))} → "
             f"{pct(_over(ds, lambda d: _p_share(d, slice(-10, None))))}",
             num(_over(ds, lambda d: _avg([g["cosine"] for g in d["gradients"]])), 3),
             num(_over(ds, lambda d: _avg([g["norm_ratio"] for g in d["gradients"]])), 3),
         ]
         diag.append(f"| {m} | " + " | ".join(cells) + " |")
+    missing = results.get("missing_runs") or []
+    missing_note = [f"**Runs not finished, not in the tables: {', '.join(missing)}.**", ""] if missing else []
     prem_note = (
         "All premises hold."
         if not results["premises_failed"]
@@ -191,6 +203,7 @@ def render_markdown(results: dict[str, Any]) -> str:
             f"{plan['n_eval']} held-out rows, greedy. Best gated k1 method for the k3 comparison: "
             f"`{results['best_gate_for_k3']}` (lowest final trap P-rate).",
             "",
+            *missing_note,
             "## Premises (held-out rows whose answer is not P; measured before the runs)",
             "",
             prem_note,
@@ -215,8 +228,10 @@ def render_markdown(results: dict[str, Any]) -> str:
             "",
             "## Gate diagnostics (trap rows whose answer is not P; means over steps and seeds)",
             "",
-            "Applied = the weights the run used (1 under OPD). Gate α=1 = what the sequence gate at α = 1 gives the "
-            "same samples (recomputed from the logged teacher log-probs). Gradient columns: cosine between the "
+            "Samples: the run's sampled answers on those rows, by class (P / the correct colour / another wrong "
+            "colour). Applied = the weights the run used (1 under OPD; the mean token weight under the token gate). "
+            "Gate α=1 = what the sequence gate at α = 1 gives the same samples (recomputed from the logged teacher "
+            "log-probs, the same rule for every method). Gradient columns: cosine between the "
             "gradient of the run's loss with the gate's weights (ungated runs: the α = 1 sequence gate's) and with "
             "all weights 1, and the ratio of their norms, at every checkpoint's step.",
             "",
