@@ -339,6 +339,23 @@ def start_cluster(overrides: list[str], attempts: int = 4) -> None:
             time.sleep(10 * attempt)
 
 
+def _train_with_retries(overrides: list[str], attempts: int = 3) -> tuple[Path, float]:
+    """`toy.train_run`, started again from scratch (it is deterministic per seed) when an actor died under it: on the
+    shared, overloaded machine a learner was once restarted mid-step ("The actor was restarted")."""
+    import ray
+
+    from vzero.recipes.toy import train_run
+
+    for attempt in range(1, attempts + 1):
+        try:
+            return train_run(overrides)
+        except (ray.exceptions.RayError, RuntimeError) as e:
+            if attempt == attempts:
+                raise
+            log.warning("run failed (attempt %d/%d), starting it again: %s", attempt, attempts, str(e)[:300])
+    raise AssertionError("unreachable")
+
+
 def run_prior_trap(
     out: Path,
     plan: TrapPlan,
@@ -354,7 +371,7 @@ def run_prior_trap(
 
     from vzero.recipes.prior_trap_diagnostics import run_diagnostics
     from vzero.recipes.prior_trap_report import write_report
-    from vzero.recipes.toy import finished_run, train_run
+    from vzero.recipes.toy import finished_run
 
     t_start = time.perf_counter()
     cpu_threads(plan)
@@ -387,7 +404,7 @@ def run_prior_trap(
             if report_only and finished_run(ov) is None:
                 missing.append(f"{method}/{seed}")
                 continue
-            run, wall = train_run(ov)
+            run, wall = _train_with_retries(ov)
             runs.setdefault(method, {})[str(seed)] = {
                 "run_dir": str(run),
                 "command": command,
