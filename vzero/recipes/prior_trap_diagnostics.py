@@ -6,7 +6,11 @@
   the shuffled weight under the shuffled control, the mean token weight under the token gate) and the mean weight
   the sequence gate at α = 1 WOULD give (recomputed by `vzero.eval.regate`, the same for every method);
 - the share of applied weights at w_min (trajectories; valid tokens for the token gate);
-- per step: the share of samples saying P on trap rows (P wrong) and their accuracy: the training-time P-rate;
+- per class also k1-PG's reward r = Σ_t clamp(lp+ − lp_s, ±10) of the samples (lp_s: the sampler's log-probs), the
+  share with r < 0 and the mean applied advantage w·r: the gate multiplies a SIGNED reward, so down-weighting a
+  sample the student already over-produces (r < 0) weakens the push that would correct it;
+- per step: the share of samples saying P on trap rows (P wrong), their accuracy, and the mean reward and applied
+  weight of the P samples: the training-time P-rate and what drives it;
 - histograms (20 bins over [w_min, w_max]) of the applied weights of P and of non-P samples on trap rows;
 - `gradients`: at every checkpoint k that has a logged step k, the cosine between the gradient of the run's loss on
   step k's trajectories with the gate's weights (applied ones; for ungated runs the α = 1 sequence gate's) and with
@@ -19,6 +23,7 @@ Knows nothing about Ray or the driver.
 from __future__ import annotations
 
 import inspect
+import json
 import statistics
 from pathlib import Path
 from typing import Any
@@ -35,6 +40,7 @@ from vzero.recipes.prior_trap_data import CONTROL, TRAP
 
 CLASSES = ("trap", "correct", "other")
 BINS = 20
+VERSION = 2  # of the cached diagnostics.json; an older cache is recomputed (its gradient cosines are kept)
 
 
 def _mean(xs: list[float]) -> float | None:
@@ -43,10 +49,9 @@ def _mean(xs: list[float]) -> float | None:
 
 def run_diagnostics(run: Path, train: Path, trap_answer: str, pixels: int) -> dict[str, Any]:
     cache = run / "diagnostics.json"
-    if cache.exists():
-        import json
-
-        return json.loads(cache.read_text())
+    earlier = json.loads(cache.read_text()) if cache.exists() else {}
+    if earlier.get("version") == VERSION:
+        return earlier
     cfg = yaml.safe_load((run / "config.yaml").read_text())
     gate = cfg["gate"]
     w_min, w_max = float(gate["w_min"]), float(gate["w_max"])
@@ -57,13 +62,15 @@ def run_diagnostics(run: Path, train: Path, trap_answer: str, pixels: int) -> di
     p = normalize_answer(trap_answer)
     applied: dict[str, dict[str, list[float]]] = {f: {c: [] for c in CLASSES} for f in (TRAP, CONTROL)}
     would: dict[str, dict[str, list[float]]] = {f: {c: [] for c in CLASSES} for f in (TRAP, CONTROL)}
+    reward: dict[str, dict[str, list[float]]] = {f: {c: [] for c in CLASSES} for f in (TRAP, CONTROL)}
     at_min, per_step = [], []
     token_level = gate["enabled"] and gate["level"] == "token"
     for path in trajectory_files(run):
         st = read_step(path)
         _, w1, _ = weights_for(st, Setting(alpha=1.0, gamma=float(gate["gamma"]), w_min=w_min, w_max=w_max))
         tw = pq.read_table(path, columns=["token_weights"]).column(0).to_pylist() if token_level else None
-        said_p, right = [], []
+        lp_old = pq.read_table(path, columns=["lp_old"]).column(0).to_pylist()
+        said_p, right, p_reward, p_weight = [], [], [], []
         for i, (uid, ids) in enumerate(zip(st.uids, st.response_ids, strict=True)):
             fam, ans = sources.get(uid), normalize_answer(tok.decode(ids, skip_special_tokens=True))
             if fam not in applied or gold[uid] == p:
@@ -71,18 +78,41 @@ def run_diagnostics(run: Path, train: Path, trap_answer: str, pixels: int) -> di
             cls = "trap" if ans == p else "correct" if ans == gold[uid] else "other"
             applied[fam][cls].append(float(st.applied[i]))
             would[fam][cls].append(float(w1[i]))
+            # k1-PG's reward for this sample, r = Σ_t (lp+ − lp_s) with each token clamped at ±10 as in the loss
+            # (lp_s = the sampler's log-prob: the policy that drew it); the advantage the loss uses is w·r.
+            k = len(ids)
+            r = float(torch.clamp(st.lp_pos[i, :k].float() - torch.tensor(lp_old[i]), -10, 10).sum())
+            reward[fam][cls].append(r)
             if fam == TRAP:
                 said_p.append(ans == p)
                 right.append(ans == gold[uid])
+                if ans == p:
+                    p_reward.append(r)
+                    p_weight.append(float(st.applied[i]))
         at_min += [x <= w_min for row in tw for x in row] if tw else [float(w) <= w_min for w in st.applied]
         step = int(path.stem.split("_")[1])
-        per_step.append({"step": step, "trap_p_share": _mean(said_p), "trap_accuracy": _mean(right)})
+        per_step.append(
+            {
+                "step": step,
+                "trap_p_share": _mean(said_p),
+                "trap_accuracy": _mean(right),
+                "trap_p_reward": _mean(p_reward),
+                "trap_p_weight": _mean(p_weight),
+            }
+        )
     edges = np.linspace(w_min, w_max, BINS + 1)
     trap_p, trap_non_p = applied[TRAP]["trap"], applied[TRAP]["correct"] + applied[TRAP]["other"]
     out = {
         "classes": {
             fam: {
-                c: {"samples": len(applied[fam][c]), "applied": _mean(applied[fam][c]), "gate_a1": _mean(would[fam][c])}
+                c: {
+                    "samples": len(applied[fam][c]),
+                    "applied": _mean(applied[fam][c]),
+                    "gate_a1": _mean(would[fam][c]),
+                    "reward": _mean(reward[fam][c]),
+                    "frac_reward_negative": _mean([float(x < 0) for x in reward[fam][c]]),
+                    "advantage": _mean([w * x for w, x in zip(applied[fam][c], reward[fam][c], strict=True)]),
+                }
                 for c in CLASSES
             }
             for fam in (TRAP, CONTROL)
@@ -96,10 +126,9 @@ def run_diagnostics(run: Path, train: Path, trap_answer: str, pixels: int) -> di
             "p": np.histogram(np.clip(trap_p, w_min, w_max), edges)[0].tolist(),
             "non_p": np.histogram(np.clip(trap_non_p, w_min, w_max), edges)[0].tolist(),
         },
-        "gradients": gradient_cosines(run, train, pixels),
+        "gradients": earlier["gradients"] if "gradients" in earlier else gradient_cosines(run, train, pixels),
+        "version": VERSION,
     }
-    import json
-
     cache.write_text(json.dumps(out))
     return out
 

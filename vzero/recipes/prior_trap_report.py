@@ -8,6 +8,7 @@ gate weights of P vs non-P samples on trap rows).
 from __future__ import annotations
 
 import statistics
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -180,6 +181,21 @@ def render_markdown(results: dict[str, Any]) -> str:
             num(_over(ds, lambda d: _avg([g["norm_ratio"] for g in d["gradients"]])), 3),
         ]
         diag.append(f"| {m} | " + " | ".join(cells) + " |")
+    mech = [
+        "| method | reward r: P | correct | other | share r < 0 (%): P | correct | other | applied w·r: P | correct | "
+        "other |",
+        "|---" * 10 + "|",
+    ]
+    for m, per in runs.items():
+        ds = [r["diagnostics"] for r in per.values() if "version" in r["diagnostics"]]
+        if not ds:
+            continue
+        cells = []
+        for key, f in (("reward", num), ("frac_reward_negative", pct), ("advantage", num)):
+            cells += [
+                f(_over(ds, lambda d, c=c, k=key: d["classes"][TRAP][c][k])) for c in ("trap", "correct", "other")
+            ]
+        mech.append(f"| {m} | " + " | ".join(cells) + " |")
     missing = results.get("missing_runs") or []
     missing_note = [f"**Runs not finished, not in the tables: {', '.join(missing)}.**", ""] if missing else []
     prem_note = (
@@ -238,6 +254,14 @@ def render_markdown(results: dict[str, Any]) -> str:
             *diag,
             "",
             "![weights of P vs non-P samples](weights.png)",
+            "",
+            "What the loss does with those weights (k1-PG: per-sample reward r = Σ_t clamp(lp+ − lp_s, ±10) from the "
+            "logged log-probs; the advantage is w·r). r < 0 means the student already gives the answer more "
+            "probability than the crop teacher: the step pushes it DOWN, and a smaller weight pushes it down less.",
+            "",
+            *mech,
+            "",
+            "![P samples: reward and applied weight vs step](mechanism.png)",
             "",
         ]
     )
@@ -306,6 +330,40 @@ def write_plots(out: Path, results: dict[str, Any]) -> None:
     plt.close(fig)
 
 
+def write_mechanism_plot(out: Path, results: dict[str, Any], window: int = 5) -> None:
+    """Mean (over seeds, `window`-step running mean) reward and applied weight of the P samples on trap rows."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    for m, per in results["runs"].items():
+        ds = [r["diagnostics"] for r in per.values() if "version" in r["diagnostics"]]
+        if not ds:
+            continue
+        for ax, key in zip(axes, ("trap_p_reward", "trap_p_weight"), strict=True):
+            rows = [[x[key] for x in d["per_step"]] for d in ds]
+            T = min(len(r) for r in rows)
+            y = np.array([[np.nan if v is None else v for v in r[:T]] for r in rows], dtype=float)
+            with np.errstate(all="ignore"), warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # a step without P samples in every seed
+                mean = np.nanmean(y, axis=0)
+            smooth = np.convolve(np.nan_to_num(mean), np.ones(window) / window, mode="valid")
+            ax.plot(np.arange(len(smooth)) + window - 1, smooth, label=m)
+    axes[0].axhline(0, c="gray", lw=0.8)
+    axes[0].set_ylabel("reward r of P samples (trap rows, P wrong)")
+    axes[1].set_ylabel("applied weight of P samples")
+    for ax in axes:
+        ax.set_xlabel("label-free step")
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "mechanism.png", dpi=110)
+    plt.close(fig)
+
+
 def write_report(out: Path, results: dict[str, Any]) -> None:
     write_plots(out, results)
+    write_mechanism_plot(out, results)
     (out / "results.md").write_text(render_markdown(results))
