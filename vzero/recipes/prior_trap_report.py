@@ -349,7 +349,11 @@ def write_mechanism_plot(out: Path, results: dict[str, Any], window: int = 5) ->
             with np.errstate(all="ignore"), warnings.catch_warnings():
                 warnings.simplefilter("ignore", RuntimeWarning)  # a step without P samples in every seed
                 mean = np.nanmean(y, axis=0)
-            smooth = np.convolve(np.nan_to_num(mean), np.ones(window) / window, mode="valid")
+            ok = np.isfinite(mean)  # running mean over the steps that had P samples
+            k = np.ones(window)
+            num_ = np.convolve(np.where(ok, mean, 0.0), k, mode="valid")
+            den = np.convolve(ok.astype(float), k, mode="valid")
+            smooth = np.where(den > 0, num_ / np.maximum(den, 1), np.nan)
             ax.plot(np.arange(len(smooth)) + window - 1, smooth, label=m)
     axes[0].axhline(0, c="gray", lw=0.8)
     axes[0].set_ylabel("reward r of P samples (trap rows, P wrong)")
