@@ -51,7 +51,12 @@ def test_prior_trap_smoke_runs_every_path_with_equal_compute_and_regate_reproduc
         assert [m["trajectories"] for m in read_metrics(run_dir / "metrics.jsonl")] == [per_step] * plan["steps"]
         cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
         assert cfg["loss"]["mode"] == ("k3" if method == "best-k3" else "k1_pg")
-        assert run["diagnostics"]["gradients"] and all(-1 <= g["cosine"] <= 1 for g in run["diagnostics"]["gradients"])
+        diag = run["diagnostics"]
+        assert diag["gradients"] and all(-1 <= g["cosine"] <= 1 for g in diag["gradients"])
+        assert len(diag["per_step"]) == plan["steps"]
+        for fam in diag["classes"].values():
+            for c in fam.values():  # every class that was sampled has its weight, reward and advantage
+                assert c["samples"] == 0 or None not in (c["applied"], c["reward"], c["advantage"])
         for path in sorted((run_dir / "trajectories").glob("step_*.parquet")):
             st = read_step(path)
             gate = weights_for(st, Setting(alpha=1.0))[1].tolist()
