@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import struct
+import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -219,8 +220,8 @@ def check_engines(cfg: TrainConfig) -> list[str]:
 
 def check_local_resources(cfg: TrainConfig, *, cpus: float | None = None, gpus: float | None = None) -> list[str]:
     """A local cluster (no ray.address) must fit every actor; `cpus`/`gpus` default to the config or the machine."""
-    if cfg.ray.address or os.environ.get("RAY_ADDRESS"):
-        return []  # a cluster we join is checked against what it reports, after connecting
+    if cfg.ray.address or os.environ.get("RAY_ADDRESS") or _ray_already_up():
+        return []  # a cluster we join (or one this process already runs) is checked against what it reports
     from vzero.cluster import requested_resources
 
     want = requested_resources(cfg)
@@ -236,6 +237,12 @@ def check_local_resources(cfg: TrainConfig, *, cpus: float | None = None, gpus: 
         for kind, n in want.items()
         if n > have[kind] + 1e-9
     ]
+
+
+def _ray_already_up() -> bool:
+    """True when this process already holds a Ray connection: `cluster.connect` then reuses it as it is."""
+    ray = sys.modules.get("ray")  # never import Ray (seconds) just to ask
+    return ray is not None and ray.is_initialized()
 
 
 def _gpu_count() -> int:

@@ -113,7 +113,8 @@ def test_each_family_runs_three_vzero_steps_on_vllm(ray_local, family_models, sy
     assert [m["sampler/min_version"] for m in metrics] == [1, 2, 3]
     assert all(np.isfinite(m["loss"]) for m in metrics)
 
-    rows = pq.read_table(out / "trajectories" / "step_000001.parquet").to_pylist()[:6]
+    # step 2 was sampled with the weights pushed after step 1 (checkpoints/step_000001); files are numbered from 1
+    rows = pq.read_table(out / "trajectories" / "step_000002.parquet").to_pylist()[:6]
     student_tok = load_processor(cfg.student.path).tokenizer
     questions = {r["id"]: r["question"] for r in pq.read_table(synth_data, columns=["id", "question"]).to_pylist()}
     for row in rows:

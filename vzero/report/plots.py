@@ -25,11 +25,26 @@ CURVES: dict[str, tuple[str, list[tuple[str, str]]]] = {
     "loss": ("Loss", [("loss", "loss")]),
     "gate_weight": (
         "Gate weight",
-        [("gate/weight_mean", "mean"), ("gate/weight_min", "min"), ("gate/weight_max", "max")],
+        [
+            ("gate/weight_mean", "mean"),
+            ("gate/weight_min", "min"),
+            ("gate/weight_max", "max"),
+            ("gate_would/weight_mean", "mean the gate would apply (gate off)"),
+        ],
     ),
-    "at_w_min": ("Share of weights at w_min", [("gate/frac_at_w_min", "at w_min")]),
-    "delta_mean": ("Mean Δ per token (lp_pos − lp_neg)", [("gate/delta_mean", "mean Δ")]),
-    "delta_pos": ("Share of tokens with Δ > 0", [("gate/frac_delta_pos", "Δ > 0")]),
+    "at_w_min": (
+        "Share of weights at w_min",
+        [("gate/frac_at_w_min", "at w_min"), ("gate_would/frac_at_w_min", "at w_min (gate off)")],
+    ),
+    # With the gate off the teacher's contrast is still computed and logged under gate_would/*: plot it all the same.
+    "delta_mean": (
+        "Mean Δ per token (lp_pos − lp_neg)",
+        [("gate/delta_mean", "mean Δ"), ("gate_would/delta_mean", "mean Δ (gate off)")],
+    ),
+    "delta_pos": (
+        "Share of tokens with Δ > 0",
+        [("gate/frac_delta_pos", "Δ > 0"), ("gate_would/frac_delta_pos", "Δ > 0 (gate off)")],
+    ),
     "tokens_per_s": (
         "Tokens per second",
         [("rollout/tokens_per_s", "rollout"), ("teacher/tokens_per_s", "teacher"), ("learner/tokens_per_s", "learner")],

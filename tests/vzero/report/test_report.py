@@ -57,7 +57,7 @@ class _Page(HTMLParser):
 
 
 def _rows(run: Path, step: int) -> dict[str, list[dict]]:
-    table = pq.read_table(run / f"trajectories/step_{step - 1:06d}.parquet")  # metrics step k <- file k-1
+    table = pq.read_table(run / f"trajectories/step_{step:06d}.parquet")  # metrics step k <- file k
     by_uid: dict[str, list[dict]] = {}
     for r in sorted(table.to_pylist(), key=lambda r: r["sample_index"]):
         by_uid.setdefault(r["uid"], []).append(r)
