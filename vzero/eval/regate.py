@@ -85,6 +85,7 @@ class StepData:
 
 
 def trajectory_files(run_dir: Path) -> list[Path]:
+    """The run's trajectories/step_*.parquet in step order; a clear `RegateError` when there are none."""
     if not run_dir.is_dir():
         raise RegateError(f"{run_dir}: no such run directory")
     files = sorted((run_dir / "trajectories").glob("step_*.parquet"))

@@ -38,6 +38,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from vzero.recipes.prior_trap_cluster import cpu_threads, git_commit, start_cluster, train_with_retries
 from vzero.recipes.prior_trap_data import (
     DEFAULT_TRAP_ANSWER,
     answer_prior_stats,
@@ -299,63 +300,6 @@ def pick_best(runs: dict[str, dict[str, Any]]) -> str:
     return min((m for m in GATED_K1 if runs.get(m)), key=key)
 
 
-def _git_commit() -> str | None:
-    import subprocess
-
-    try:
-        res = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True)
-        return res.stdout.strip() or None
-    except OSError:
-        return None
-
-
-def cpu_threads(plan: TrapPlan) -> None:
-    """One torch thread in this process on CPU. Measured on the shared 2-core machine at load ~40: 30 SFT steps
-    took 22.5 s with 1 thread and 382 s with 2 (OpenMP threads wait for each other's time slices)."""
-    if plan.device == "cpu":
-        import torch
-
-        torch.set_num_threads(plan.threads)
-
-
-def start_cluster(overrides: list[str], attempts: int = 4) -> None:
-    """Start the local Ray cluster the runs share; retried because on an overloaded machine the raylet can miss
-    Ray's fixed 30 s registration deadline ("The current node timed out during startup")."""
-    import ray
-
-    from vzero.cluster import connect
-    from vzero.config import load_config
-
-    cfg = load_config(BASE_CONFIG, overrides)
-    for attempt in range(1, attempts + 1):
-        try:
-            connect(cfg)
-            return
-        except Exception as e:  # Ray raises a bare Exception for this
-            if "timed out during startup" not in str(e) or attempt == attempts:
-                raise
-            log.warning("local Ray cluster did not start (attempt %d/%d): %s; retrying", attempt, attempts, e)
-            ray.shutdown()
-            time.sleep(10 * attempt)
-
-
-def _train_with_retries(overrides: list[str], attempts: int = 3) -> tuple[Path, float]:
-    """`toy.train_run`, started again from scratch (it is deterministic per seed) when an actor died under it: on the
-    shared, overloaded machine a learner was once restarted mid-step ("The actor was restarted")."""
-    import ray
-
-    from vzero.recipes.toy import train_run
-
-    for attempt in range(1, attempts + 1):
-        try:
-            return train_run(overrides)
-        except (ray.exceptions.RayError, RuntimeError) as e:
-            if attempt == attempts:
-                raise
-            log.warning("run failed (attempt %d/%d), starting it again: %s", attempt, attempts, str(e)[:300])
-    raise AssertionError("unreachable")
-
-
 def run_prior_trap(
     out: Path,
     plan: TrapPlan,
@@ -374,7 +318,7 @@ def run_prior_trap(
     from vzero.recipes.toy import finished_run
 
     t_start = time.perf_counter()
-    cpu_threads(plan)
+    cpu_threads(plan.device, plan.threads)
     out.mkdir(parents=True, exist_ok=True)
     check_work(work, plan)
     data = make_data(work, plan)
@@ -404,7 +348,7 @@ def run_prior_trap(
             if report_only and finished_run(ov) is None:
                 missing.append(f"{method}/{seed}")
                 continue
-            run, wall = _train_with_retries(ov)
+            run, wall = train_with_retries(ov)
             runs.setdefault(method, {})[str(seed)] = {
                 "run_dir": str(run),
                 "command": command,
@@ -419,7 +363,7 @@ def run_prior_trap(
     results = {
         "plan": asdict(plan),
         "command": command,
-        "git_commit": _git_commit(),
+        "git_commit": git_commit(),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, device {plan.device}",
         "models": {"student": str(models["student"]), "teacher": str(models["teacher"]), "sft": models["sft"]},
         "premises": prem,

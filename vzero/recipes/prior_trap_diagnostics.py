@@ -48,6 +48,8 @@ def _mean(xs: list[float]) -> float | None:
 
 
 def run_diagnostics(run: Path, train: Path, trap_answer: str, pixels: int) -> dict[str, Any]:
+    """Gate weights, k1 rewards and advantages per family and answer class, per-step P shares and the gradient cosines
+    of one finished run (module docstring), from its logged trajectories; cached in `run/diagnostics.json`."""
     cache = run / "diagnostics.json"
     earlier = json.loads(cache.read_text()) if cache.exists() else {}
     if earlier.get("version") == VERSION:

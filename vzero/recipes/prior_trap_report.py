@@ -124,6 +124,8 @@ def _premise_lines(prem: dict[str, Any]) -> list[str]:
 
 
 def render_markdown(results: dict[str, Any]) -> str:
+    """results.md: verdict, premises, outcome tables (mean ± std over seeds), paired differences against OPD and the
+    gate diagnostics, from the `run_prior_trap` results dict."""
     plan, runs = results["plan"], results["runs"]
     head = "| method | " + " | ".join(label + " (%)" for _, label, _ in OUTCOMES) + " | wall per run (s) |"
     table = [head, "|---" * (len(OUTCOMES) + 2) + "|"]
@@ -282,6 +284,8 @@ def _avg(xs: list[float | None]) -> float | None:
 
 
 def write_plots(out: Path, results: dict[str, Any]) -> None:
+    """curves.png (accuracy and trap P-rate against step, per family and method) and weights.png (gate weight
+    distributions of P vs non-P samples) in `out`."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -368,6 +372,7 @@ def write_mechanism_plot(out: Path, results: dict[str, Any], window: int = 5) ->
 
 
 def write_report(out: Path, results: dict[str, Any]) -> None:
+    """Every report file (plots and results.md) in `out`; results.json is written by the caller."""
     write_plots(out, results)
     write_mechanism_plot(out, results)
     (out / "results.md").write_text(render_markdown(results))
