@@ -4,8 +4,9 @@ Invariants: the premises were measured and reported before the runs; every metho
 trajectories per step); the gate was applied as its method says (opd: all 1; token-a1: per-token weights;
 shuffled-a1: in every group exactly the multiset of weights `vzero regate` recomputes at α = 1 from the logged
 log-probs, permuted; best-k3: loss.mode=k3 with the chosen gate); each curve starts at the shared init; every recorded
-`vzero train` command parses back into the run's config; the report files exist; `vzero regate` on a real run
-reproduces the applied weights' distribution and scores every sample against the labels.
+`vzero train` command parses back into the run's config and the recipe's own command is recorded; the report files
+exist; `vzero regate` on a real run reproduces the applied weights' distribution and scores every sample against the
+labels.
 """
 
 from __future__ import annotations
@@ -34,9 +35,11 @@ def test_prior_trap_smoke_runs_every_path_with_equal_compute_and_regate_reproduc
     ray_local, tmp_path, capsys
 ) -> None:
     out, work = tmp_path / "out", tmp_path / "work"
-    assert main(["recipe", "prior-trap", "--smoke", "--out", str(out), "--work", str(work)]) == 0
+    argv = ["recipe", "prior-trap", "--smoke", "--out", str(out), "--work", str(work)]
+    assert main(argv) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     res = json.loads((out / "results.json").read_text())
+    assert res["command"] == shlex.join(["vzero", *argv])  # the recipe's own command, not its last run's
     assert list(res["runs"]) == list(SMOKE_METHODS) == list(summary["trap_p_rate"])
     assert set(res["premises"]["checks"]) == {k for k, _ in PREMISE_CHECKS}
     assert res["best_gate_for_k3"] == "token-a1"  # the only gated k1 candidate in the smoke

@@ -344,14 +344,14 @@ def run_prior_trap(
             name = f"{best}-k3" if method == BEST_K3 else method
             run_dir = work / "runs" / f"{name}-seed{seed}"
             ov = run_overrides(plan, method, seed, models, data["train"], run_dir, best)
-            command = f"vzero train --config {BASE_CONFIG.relative_to(REPO)} " + " ".join(ov)
+            train_command = f"vzero train --config {BASE_CONFIG.relative_to(REPO)} " + " ".join(ov)
             if report_only and finished_run(ov) is None:
                 missing.append(f"{method}/{seed}")
                 continue
             run, wall = train_with_retries(ov)
             runs.setdefault(method, {})[str(seed)] = {
                 "run_dir": str(run),
-                "command": command,
+                "command": train_command,
                 "wall_seconds": wall,
                 "curve": eval_curve(plan, run, data["eval"], base),
                 "diagnostics": run_diagnostics(run, data["train"], plan.trap_answer, plan.student_pixels),

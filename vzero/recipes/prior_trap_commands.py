@@ -56,7 +56,7 @@ def _prior_trap(args: argparse.Namespace) -> int:
         methods=tuple(args.methods) if args.methods else None,
     )
     work = args.work or Path("runs/prior-trap-smoke" if args.smoke else "runs/prior-trap")
-    command = "vzero " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else "vzero recipe prior-trap"
+    command = shlex.join(["vzero", *getattr(args, "argv", sys.argv[1:])])
     res = run_prior_trap(
         args.out, plan, work, command=command, require_premises=args.require_premises, report_only=args.report_only
     )

@@ -127,17 +127,18 @@ def render_markdown(results: dict[str, Any]) -> str:
     """results.md: verdict, premises, outcome tables (mean ± std over seeds), paired differences against OPD and the
     gate diagnostics, from the `run_prior_trap` results dict."""
     plan, runs = results["plan"], results["runs"]
-    head = "| method | " + " | ".join(label + " (%)" for _, label, _ in OUTCOMES) + " | wall per run (s) |"
-    table = [head, "|---" * (len(OUTCOMES) + 2) + "|"]
+    head = "| method | seeds | " + " | ".join(label + " (%)" for _, label, _ in OUTCOMES) + " | wall per run (s) |"
+    table = [head, "|---" * (len(OUTCOMES) + 3) + "|"]
     base = results["premises"]["student_init_greedy"]
     table.append(
-        f"| student at init | {pct(base['p_rate'][TRAP])} | {pct(base['by_family'][TRAP])} | "
+        f"| student at init | | {pct(base['p_rate'][TRAP])} | {pct(base['by_family'][TRAP])} | "
         f"{pct(base['by_family'][CONTROL])} | {pct(base['p_rate'][CONTROL])} | |"
     )
     for m, per in runs.items():
         cells = [_ms([get(r) for r in per.values()]) for _, _, get in OUTCOMES]
         wall = mean_std([r["wall_seconds"] for r in per.values()]) if per else None
-        table.append(f"| {m} | " + " | ".join(cells) + " | " + ("" if wall is None else f"{wall['mean']:.0f}") + " |")
+        wall_cell = "" if wall is None else f"{wall['mean']:.0f}"
+        table.append(f"| {m} | {len(per)} | " + " | ".join(cells) + f" | {wall_cell} |")
     diffs = ["| method | reference | " + " | ".join(f"Δ {label}" for _, label, _ in OUTCOMES[:3]) + " |"]
     diffs.append("|---" * 5 + "|")
     for m in runs:
@@ -151,12 +152,16 @@ def render_markdown(results: dict[str, Any]) -> str:
         diffs.append(f"| {m} | {ref} | " + " | ".join(cells) + " |")
     first = next(r for per in runs.values() for r in per.values())
     steps = [p["step"] for p in first["curve"]]
-    curve = ["| method | " + " | ".join(f"step {s}" for s in steps) + " |", "|---" * (len(steps) + 1) + "|"]
-    for m, per in runs.items():
-        if not per:
-            continue
-        pts = [statistics.fmean(r["curve"][i]["p_rate"][TRAP] for r in per.values()) for i in range(len(steps))]
-        curve.append(f"| {m} | " + " | ".join(pct(x) for x in pts) + " |")
+    curve = []
+    for key, label, _ in OUTCOMES:  # each outcome against step; the getters read the last point, these every point
+        fam, field = (TRAP if key.startswith("trap") else CONTROL), ("p_rate" if "p_rate" in key else "by_family")
+        curve += [f"{label} (%):", "", "| method | " + " | ".join(f"step {s}" for s in steps) + " |"]
+        curve.append("|---" * (len(steps) + 1) + "|")
+        for m, per in runs.items():
+            if per:
+                pts = [statistics.fmean(r["curve"][i][field][fam] for r in per.values()) for i in range(len(steps))]
+                curve.append(f"| {m} | " + " | ".join(pct(x) for x in pts) + " |")
+        curve.append("")
     diag = [
         "| method | samples P / correct / other (%) | applied w: P | correct | other | at w_min | gate α=1 w: P | "
         "correct | other | sampled P share, first → last 10 steps (%) | grad cosine gate vs ones | grad norm ratio |",
@@ -217,7 +222,8 @@ def render_markdown(results: dict[str, Any]) -> str:
             f"steps), then {plan['bias_steps']} more steps with {pct(plan['bias_rate'])} % of the trap rows' labels "
             "replaced by P. Student = the checkpoint before the biased phase, on its window view "
             f"({plan['context']} x the target side, {plan['student_pixels']} px). Label-free: {plan['steps']} steps x "
-            f"{plan['prompts_per_step']} prompts x n = {plan['n']}, lr {plan['lr']}, {len(plan['seeds'])} seeds, "
+            f"{plan['prompts_per_step']} prompts x n = {plan['n']}, lr {plan['lr']}, seeds {plan['seeds']} planned "
+            "(finished per method: the `seeds` column), "
             f"{plan['n_eval']} held-out rows, greedy. Best gated k1 method for the k3 comparison: "
             f"`{results['best_gate_for_k3']}` (lowest final trap P-rate).",
             "",
@@ -238,10 +244,9 @@ def render_markdown(results: dict[str, Any]) -> str:
             "",
             *verdict(results),
             "",
-            "## Trap P-rate against step (%, seed mean)",
+            "## Accuracy and P-rate against step, per family (held-out rows, seed mean)",
             "",
             *curve,
-            "",
             "![accuracy and P-rate vs step](curves.png)",
             "",
             "## Gate diagnostics (trap rows whose answer is not P; means over steps and seeds)",
@@ -292,11 +297,12 @@ def write_plots(out: Path, results: dict[str, Any]) -> None:
     import matplotlib.pyplot as plt
 
     runs = results["runs"]
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4.8))
     panels = (
         ("trap P-rate, P wrong (%)", lambda p: p["p_rate"][TRAP]),
         ("trap accuracy (%)", lambda p: p["by_family"][TRAP]),
         ("control accuracy (%)", lambda p: p["by_family"][CONTROL]),
+        ("control P-rate, P wrong (%)", lambda p: p["p_rate"][CONTROL]),
     )
     for ax, (label, get) in zip(axes, panels, strict=True):
         for m, per in runs.items():
