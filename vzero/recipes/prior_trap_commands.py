@@ -1,7 +1,7 @@
 """`vzero recipe prior-trap`: the controlled prior-trap experiment from the command line.
 
     scripts/loopback.sh vzero recipe prior-trap --out results/prior-trap               # full CPU run
-    scripts/loopback.sh vzero recipe prior-trap --smoke --out /tmp/prior-trap-smoke    # CI form: 2 min on the loaded 2-core machine
+    scripts/loopback.sh vzero recipe prior-trap --smoke --out /tmp/prior-trap-smoke    # CI form, ~2 min on 2 cores
     vzero recipe prior-trap --preset small --device cuda --out results/prior-trap-small  # GPU-sized
 
 Writes results.json, results.md, curves.png and weights.png to --out; data, models and runs live under --work
