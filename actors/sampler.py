@@ -21,6 +21,7 @@ from vzero.images import decode_rgb
 from vzero.records import Prompt, Trajectory
 from vzero.runtime import actor_device, setup_threads
 from vzero.vlm_inputs import chat_prompt_ids
+from vzero.weight_group import GroupSpec
 from vzero.weights import WeightPush
 
 
@@ -37,12 +38,13 @@ class Sampler:
             vllm=cfg.rollout.vllm,
             seed=cfg.seed + rank,
             batch_size=cfg.rollout.hf_batch_size,
-            worker_extension="actors.weight_receiver.WeightReceiverExtension",
+            worker_extension="actors.collective_receiver.CollectiveReceiverExtension",
             # Away from temperature 1, lp_old must be the log-prob of the distribution actually sampled (PPO ratio).
             processed_logprobs=cfg.rollout.temperature != 1.0,
         )
         self.tokenizer = self.engine.tokenizer
         self.version = 0
+        self.group_id: str | None = None  # the collective transport's weight group, once joined
 
     def generate(self, prompts: list[Prompt], *, seed: int) -> tuple[list[Trajectory], dict[str, float]]:
         """n trajectories per prompt, grouped by prompt (group id = prompt uid), plus timing stats."""
@@ -85,6 +87,39 @@ class Sampler:
             "tensors": float(n),
             "bytes": float(push.nbytes),
             "version": float(version),
+        }
+
+    # -- the collective transport (vzero/pushes.py drives it; the learner sends) -----------------------------
+    def weight_ranks(self) -> int:
+        """Ranks this sampler contributes to its weight group (its engine's workers: tp for a TP engine)."""
+        return self.engine.workers
+
+    def join_weight_group(self, spec: GroupSpec) -> str:
+        """Join a fresh weight group (rank 0 = the learner, this engine's workers at 1..tp); returns its id."""
+        self.group_id = None
+        self.engine.join_weight_group(spec, rank_offset=1)
+        self.group_id = spec.group_id
+        return spec.group_id
+
+    def weight_group(self) -> str | None:
+        """The id of the weight group this sampler is in (None after a restart: the driver rebuilds it)."""
+        return self.group_id
+
+    def receive_weights(self, push: WeightPush, version: int) -> dict[str, float]:
+        """Take part in a collective push: load it, or drain it if this sampler already has `version`."""
+        if self.group_id is None:
+            raise RuntimeError(f"sampler-{self.rank} is in no weight group (restarted?); the driver must rebuild it")
+        t0 = time.perf_counter()
+        load = version > self.version
+        n = self.engine.receive_weights(push.plan, version, load=load)
+        if load:
+            self.version = version
+        return {
+            "skipped": float(not load),
+            "seconds": time.perf_counter() - t0,
+            "tensors": float(n),
+            "bytes": float(push.nbytes),
+            "version": float(self.version),
         }
 
     def device_uuid(self) -> str:

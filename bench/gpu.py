@@ -164,6 +164,8 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.perf_counter()
     res = run(a)
+    if "push" in a.stages and not a.smoke:
+        res["stages"]["collective_push"] = collective_push(a)
     res.update(
         {
             "command": "python -m bench.gpu " + " ".join(sys.argv[1:] if argv is None else argv),
@@ -196,6 +198,64 @@ def main(argv: list[str] | None = None) -> int:
     a.out.write_text(json.dumps(res, indent=2, default=float) + "\n")
     print(json.dumps(res, default=float))
     return 0
+
+
+def collective_push(a: argparse.Namespace) -> dict:
+    """The collective transport (learner/collective.py): NCCL from the learner's GPU to a sampler on ANOTHER GPU.
+    NCCL refuses two ranks on one GPU, so with one GPU this records why and measures what one GPU can: the
+    learner's side of a push (gather + cast + pack into GPU buckets). With 2+ GPUs: 3 broadcasts of the whole
+    model into the sampler (`wire_seconds`: the sampler already holds the version and drains it, so the load,
+    measured by the push stage's floor, is not included)."""
+    import ray
+    import torch
+
+    from actors.sampler import Sampler
+    from learner.learner import Learner
+    from vzero.cluster import spawn
+    from vzero.data.synth import write_synth
+    from vzero.models.tiny import build_model
+    from vzero.pushes import WeightPusher
+
+    gpus = torch.cuda.device_count()
+    work = Path(tempfile.mkdtemp(prefix="vzero-bench-coll-"))
+    model = build_model(work / "model", arch=a.arch, preset=a.preset, seed=0, device="cuda")
+    write_synth(work / "data.parquet", n=4, seed=0, image_size=a.image_size)
+    cfg = _config(a, model, work / "data.parquet", work / "run", True, **{"learner.weight_transport": "collective"})
+    if gpus >= 2:  # whole GPUs: the learner on one, the sampler on another
+        cfg.learner.resources.num_gpus = cfg.rollout.resources.num_gpus = 1.0
+    ray.init(
+        address="local",
+        num_gpus=min(gpus, 2),
+        include_dashboard=False,
+        _node_ip_address="127.0.0.1",
+        runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).parents[1])}},
+    )
+    out: dict = {"gpus": gpus}
+    try:
+        learner = spawn(Learner, cfg.learner.resources, "bench-coll-learner", cfg)
+        ray.get(learner.ready.remote())
+        t = time.perf_counter()
+        plan = ray.get(learner.state_for_push.remote("collective"))
+        out["gather_pack_seconds"] = time.perf_counter() - t
+        out["gb"] = plan.nbytes / 1e9
+        if gpus < 2:
+            out["skipped"] = "NCCL needs the sampler on another GPU (it refuses two ranks on one GPU); one GPU here"
+            return out
+        sampler = spawn(Sampler, cfg.rollout.resources, "bench-coll-sampler", cfg, 0)
+        ray.get(sampler.ready.remote())
+        pusher = WeightPusher(cfg, learner, [sampler])
+        pusher.publish(0)
+        times = []
+        for _ in range(4):  # the first also builds the group (rendezvous + NCCL init)
+            pusher.known.clear()
+            t = time.perf_counter()
+            pusher.push_all(0)
+            times.append(time.perf_counter() - t)
+        out.update({"first_with_rendezvous_seconds": times[0], "wire_seconds": min(times[1:]), "all": times})
+        out["gb_per_s"] = out["gb"] / out["wire_seconds"]
+        return out
+    finally:
+        ray.shutdown()
 
 
 if __name__ == "__main__":

@@ -120,27 +120,26 @@ def rollout(b: Bench, hf_sequences: int = 0) -> tuple[dict, Any, dict, list[list
 
 # -- teacher ----------------------------------------------------------------------------------------------------
 def _raw_score_requests(cfg: TrainConfig, prompts: list[Prompt], trajs: list[Trajectory]) -> list[dict]:
-    """What the Gating actor replays, built by hand: both views of every trajectory, teacher prompt ids."""
+    """What the Gating actor replays, built by hand: both views of every trajectory, the teacher's own prompt ids
+    and images (`teacher_inputs`: teacher.context, row templates, pixel budgets)."""
+    from gating.teacher import teacher_inputs
     from vzero.models.loading import load_processor
-    from vzero.views import views_for
-    from vzero.vlm_inputs import chat_prompt_ids
 
-    tm, v = cfg.teacher_model, cfg.views
+    tm = cfg.teacher_model
     tok = load_processor(tm.path, trust_remote_code=tm.trust_remote_code).tokenizer
-    by_uid = {p.uid: p for p in prompts}
-    views = {
-        p.uid: views_for(
-            p, mode=v.negative_mode, margin=v.margin, max_pixels=tm.max_pixels, factor=v.downsample_factor, seed=v.seed
-        )
-        for p in prompts
-    }
-    ids = {p.uid: chat_prompt_ids(tok, p.question) for p in prompts}
+    inputs = {p.uid: teacher_inputs(p, cfg, tok) for p in prompts}
     return [
-        {"prompt_ids": ids[t.uid], "response_ids": t.response_ids, "image": views[t.uid][k]}
+        {"prompt_ids": inputs[t.uid].prompt_ids, "response_ids": t.response_ids, "image": _mm(view)}
         for k in (0, 1)
         for t in trajs
-        if t.uid in by_uid
+        if t.uid in inputs
+        for view in [(inputs[t.uid].pos, inputs[t.uid].neg)[k]]
     ]
+
+
+def _mm(images: list) -> object:
+    """vLLM's multi_modal_data image entry: one image, or the list in pad order."""
+    return images[0] if len(images) == 1 else images
 
 
 def teacher(b: Bench, trajectories: list[list[Trajectory]]) -> tuple[dict, list[list[Trajectory]]]:

@@ -1,12 +1,18 @@
 """GatingActor: teacher replay of every trajectory under the positive and negative views, then the gate.
 
-For each prompt it builds the two views once (evidence crop; hard-negative crop or downsampled crop), submits the
-positive AND negative replays of all the step's trajectories to its engine in one batch, reads back the per-token
-log-probs of the sampled response tokens (response-aligned: the teacher prompt holds a crop, so its length differs
-from the student's; alignment is on the response suffix, never on absolute positions), and calls the pure
-`evidence_gate`. With the gate disabled every weight is 1 (plain on-policy distillation, the baseline). The gate's
-per-element quantities go back to the driver under `TERMS_KEY` (not averaged here): with several gating actors the
-driver computes the step's gate statistics once over all of them (`gating.gate.gate_diagnostics`).
+For each prompt it builds the teacher prompt and the views once: the prompt from the row's own template
+(`Prompt.teacher_prompt`, e.g. the authors' `teacher_raw_prompt`) or `teacher.prompt_template`, under
+`teacher.context` (`full_and_crop`: the full image, then the crop(s); `crop`: the crops alone; vzero.teacher_prompt);
+the views at the teacher's pixel budget (evidence crops; a hard-negative or downsampled crop each; the full image:
+vzero.views). The positive request shows [full image, crops], the negative one [the SAME full image object,
+negative crops]: only the evidence differs, and engines that cache image encodings by object encode the full image
+once. It submits the positive AND negative replays of all the step's trajectories to its engine in one batch, reads
+back the per-token log-probs of the sampled response tokens (response-aligned: the teacher prompt holds other images
+than the student's, so its length differs; alignment is on the response suffix, never on absolute positions), and
+calls the pure `evidence_gate`. With the gate disabled every weight is 1 (plain on-policy distillation, the
+baseline). The gate's per-element quantities go back to the driver under `TERMS_KEY` (not averaged here): with
+several gating actors the driver computes the step's gate statistics once over all of them
+(`gating.gate.gate_diagnostics`).
 
 A plain class; the driver makes it a Ray actor. Knows nothing about the learner or the samplers.
 """
@@ -14,9 +20,11 @@ A plain class; the driver makes it a Ray actor. Knows nothing about the learner 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+from PIL import Image
 
 from gating.gate import evidence_gate, shuffle_within_groups
 from vzero.batching import length_mask, pad_ragged
@@ -24,10 +32,43 @@ from vzero.config import TrainConfig
 from vzero.engines import ScoreRequest, create_engine
 from vzero.records import Prompt, Trajectory
 from vzero.runtime import actor_device, derive_seed, setup_threads
+from vzero.teacher_prompt import teacher_prompt
 from vzero.views import views_for
 from vzero.vlm_inputs import chat_prompt_ids
 
 TERMS_KEY = "gate/terms"  # stats entry holding this actor's GateTerms (the rest of the stats are floats)
+
+
+@dataclass
+class TeacherInputs:
+    """What the teacher replays for one prompt: its prompt ids and the images of both passes, in pad order."""
+
+    prompt_ids: list[int]  # chat prompt, one image pad per image
+    pos: list[Image.Image]  # [full image, crops] (full_and_crop) or [crops]
+    neg: list[Image.Image]  # the same, each crop swapped for its negative (the full image is the same object)
+    mode_used: str  # negative view actually used (vzero.views)
+
+
+def teacher_inputs(prompt: Prompt, cfg: TrainConfig, tokenizer: Any) -> TeacherInputs:
+    """The teacher prompt (the row's template verbatim, else `teacher.prompt_template`, under `teacher.context`)
+    and its views at the teacher's pixel budget; a pure function of the prompt and the config."""
+    t, v, model = cfg.teacher, cfg.views, cfg.teacher_model
+    if prompt.teacher_prompt is not None:  # the row's own wording, verbatim
+        tp = teacher_prompt(prompt.teacher_prompt, context=t.context)
+    else:
+        tp = teacher_prompt(t.prompt_template, context=t.context, question=prompt.question)
+    views = views_for(
+        prompt,
+        mode=v.negative_mode,
+        margin=v.margin,
+        min_pixels=model.min_pixels,
+        max_pixels=model.max_pixels,
+        factor=v.downsample_factor,
+        seed=v.seed,
+        full="image" in tp.slots,
+    )
+    ids = chat_prompt_ids(tokenizer, tp.parts, model.chat)
+    return TeacherInputs(ids, tp.images(views.full, views.pos), tp.images(views.full, views.neg), views.mode_used)
 
 
 class Gating:
@@ -53,23 +94,23 @@ class Gating:
         the gate's `GateTerms` (under `TERMS_KEY`)."""
         cfg = self.cfg
         t0 = time.perf_counter()
-        views, teacher_ids = {}, {}
+        inputs: dict[str, TeacherInputs] = {}
+        limit = cfg.teacher.vllm.max_images_per_prompt if self.engine.name == "vllm" else None
         for uid in dict.fromkeys(t.uid for t in trajectories):
-            p = prompts[uid]
-            views[uid] = views_for(
-                p,
-                mode=cfg.views.negative_mode,
-                margin=cfg.views.margin,
-                max_pixels=cfg.teacher_model.max_pixels,
-                factor=cfg.views.downsample_factor,
-                seed=cfg.views.seed,
-            )
-            teacher_ids[uid] = chat_prompt_ids(self.tokenizer, p.question, cfg.teacher_model.chat)
+            inputs[uid] = teacher_inputs(prompts[uid], cfg, self.tokenizer)
+            if limit is not None and len(inputs[uid].pos) > limit:  # say which row and which field, up front
+                raise ValueError(
+                    f"prompt {uid!r}: its teacher prompt shows {len(inputs[uid].pos)} images (the full image and its "
+                    f"crops) but teacher.vllm.max_images_per_prompt is {limit}: raise it to the most any row needs"
+                )
         t_views = time.perf_counter() - t0
 
         topk = cfg.loss.teacher_topk if cfg.loss.mode == "forward_kl_topk" else 0
-        pos = [ScoreRequest(teacher_ids[t.uid], views[t.uid][0], t.response_ids, topk=topk) for t in trajectories]
-        neg = [ScoreRequest(teacher_ids[t.uid], views[t.uid][1], t.response_ids) for t in trajectories]
+        pos, neg = [], []
+        for t in trajectories:
+            i = inputs[t.uid]
+            pos.append(ScoreRequest(i.prompt_ids, i.pos, t.response_ids, topk=topk))
+            neg.append(ScoreRequest(i.prompt_ids, i.neg, t.response_ids))
         t1 = time.perf_counter()
         results = self.engine.score(pos + neg)  # one submission: both views of every trajectory
         t_score = time.perf_counter() - t1
@@ -99,7 +140,7 @@ class Gating:
         for i, t in enumerate(trajectories):
             T = t.num_tokens
             t.lp_pos, t.lp_neg = res_pos[i].logprobs, res_neg[i].logprobs
-            t.negative_mode = views[t.uid][2]
+            t.negative_mode = inputs[t.uid].mode_used
             if weights.dim() == 1:
                 t.weight = float(weights[i])
             else:
@@ -116,7 +157,9 @@ class Gating:
                 "teacher/views_seconds": t_views,
                 "teacher/tokens": tokens,
                 "teacher/tokens_per_s": 2 * tokens / max(t_score, 1e-9),  # both views are replayed
-                "teacher/fallback_negatives": float(sum(1 for v in views.values() if v[2] != cfg.views.negative_mode)),
+                "teacher/fallback_negatives": float(
+                    sum(1 for v in inputs.values() if v.mode_used != cfg.views.negative_mode)
+                ),
             }
         )
         return trajectories, stats

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import torch
 
+from learner import fsdp
+from learner.collective import CollectiveSender
 from learner.losses import gated_opd_loss
 from learner.weight_sync import WeightPush, WeightSender
 from vzero.batching import length_mask, pad_ragged, split_mini_batches
@@ -40,6 +42,7 @@ from vzero.models.loading import load_model, load_processor, resolve_dtype
 from vzero.records import Prompt, Trajectory
 from vzero.runtime import actor_device, setup_threads
 from vzero.vlm_inputs import EncodedImage, ImageEncoder, collate
+from vzero.weight_group import GroupSpec
 
 
 def _is_oom(exc: BaseException) -> bool:
@@ -61,7 +64,9 @@ class _Pass:
 
 
 class Learner:
-    def __init__(self, cfg: TrainConfig):
+    def __init__(self, cfg: TrainConfig, rank: int = 0, world_size: int = 1, master: tuple[str, int] | None = None):
+        """`rank`/`world_size`/`master`: this rank of a sharded learner group (learner/group.py spawns them);
+        world_size 1 is the single-process learner."""
         self.cfg = cfg
         setup_threads(cfg.learner.resources)
         self.device = torch.device(actor_device(cfg.learner.resources))
@@ -80,6 +85,11 @@ class Learner:
                     p.requires_grad_(False)
                     self.frozen.add(name)
         self.model.train()
+        # Sharded ranks (learner/fsdp.py): shard before the optimizer sees the parameters.
+        self.dp = fsdp.DataParallel(rank, world_size) if world_size > 1 else None
+        if self.dp is not None:
+            fsdp.init_process_group(rank, world_size, master, self.device, cfg.learner.weight_push_timeout_s)
+            fsdp.shard(self.model)
         processor = load_processor(s.path, trust_remote_code=s.trust_remote_code)
         self.tokenizer = processor.tokenizer
         self.encoder = ImageEncoder(processor.image_processor, min_pixels=s.min_pixels, max_pixels=s.max_pixels)
@@ -93,6 +103,7 @@ class Learner:
         )
         self.version = 0
         self._senders: dict[str, WeightSender] = {}
+        self._collective: CollectiveSender | None = None
         sampler_device = "cuda" if cfg.rollout.resources.num_gpus > 0 else "cpu"
         self.push_dtype = resolve_dtype(cfg.student.dtype, sampler_device)
         # The policy is the distribution the samplers draw from: at a temperature other than 1, its log-probs (PPO
@@ -131,6 +142,8 @@ class Learner:
             return [res.logprobs[i, : t.num_tokens].float().tolist() for i, t in enumerate(trajectories)]
         finally:
             self.model.train()
+            if self.dp is not None:
+                fsdp.reshard(self.model)
 
     # -- training -----------------------------------------------------------------------------------------------
     def _forward(self, batch, *, return_logits: bool = False):
@@ -207,6 +220,13 @@ class Learner:
             # gradient behind, which is why the split happens before the failing part's backward completes.
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
+            if self.dp is not None:  # halving here would leave the other ranks' FSDP collectives hanging
+                raise RuntimeError(
+                    f"learner rank {self.dp.rank} out of memory under FSDP (learner.world_size="
+                    f"{self.dp.world_size}): the out-of-memory halving is off with several ranks; lower "
+                    "learner.micro_batch_size, set learner.max_tokens_per_micro_batch, set "
+                    "learner.gradient_checkpointing=true, or raise learner.world_size"
+                ) from exc
             if len(trajs) == 1:
                 raise RuntimeError(
                     f"learner out of memory on a single trajectory of {trajs[0].num_tokens} response tokens; lower "
@@ -263,7 +283,10 @@ class Learner:
         old: dict[tuple[str, int], torch.Tensor] = {}
         self.model.eval()
         try:
-            for micro in self._micro_batches(trajs, images):
+            micros = self._micro_batches(trajs, images)
+            for _ in range(self._passes(len(micros)) - len(micros)):  # every FSDP rank runs as many forwards
+                self._forward(self._batch(self._idle_rows, images))
+            for micro in micros:
                 batch = self._batch(micro, images)
                 lp = self._forward(batch).logprobs
                 mask = length_mask([t.num_tokens for t in micro]).to(self.device)
@@ -273,15 +296,31 @@ class Learner:
                 old.update({_key(t): lp[i, : t.num_tokens].float().cpu() for i, t in enumerate(micro)})
         finally:
             self.model.train()
+            if self.dp is not None:
+                fsdp.reshard(self.model)
         return old
 
     def _mini_batch_backward(self, mini: list[Trajectory], images, plan: _Pass) -> dict[str, float]:
-        """Gradients of one mini-batch's token-mean loss in the parameters' .grad (no optimizer step); its metrics."""
+        """Gradients of one mini-batch's token-mean loss in the parameters' .grad (no optimizer step); its metrics.
+
+        Sharded: this rank's share of the mini-batch (`plan.n_valid` is the whole mini-batch's count, so the summed
+        gradients are one learner's), as many passes as the busiest rank, metrics summed over ranks."""
         acc: dict[str, float] = {}
         self.optimizer.zero_grad(set_to_none=True)
-        for micro in self._micro_batches(mini, images):
+        micros = self._micro_batches(self._share(mini), images)
+        for _ in range(self._passes(len(micros)) - len(micros)):  # zero loss, every FSDP collective
+            (self._forward(self._batch(self._idle_rows, images)).logprobs.sum() * 0.0).backward()
+        for micro in micros:
             self._run(micro, images, plan, acc)
-        return acc
+        return self.dp.merge(acc) if self.dp is not None else acc
+
+    # Sharded ranks (learner/fsdp.py): every rank gets the whole batch and takes its share.
+    def _share(self, trajs: list[Trajectory]) -> list[Trajectory]:
+        return self.dp.share(trajs) if self.dp is not None else trajs
+
+    def _passes(self, n: int) -> int:
+        """Micro-batches every rank runs (the largest count over ranks: agreed BEFORE any FSDP collective)."""
+        return self.dp.agree(n) if self.dp is not None else n
 
     def train_step(self, trajectories: list[Trajectory], prompts: dict[str, Prompt]) -> dict[str, float]:
         """One rollout batch: `mini_batches_per_step` AdamW steps over whole prompt groups, then version + 1.
@@ -293,12 +332,16 @@ class Learner:
         """
         t0 = time.perf_counter()
         images = self._encode_images(prompts, [t.uid for t in trajectories])
+        self._idle_rows = trajectories[:1]  # what a rank short of work runs (zero loss) to match the others
         minis = split_mini_batches(trajectories, self.cfg.learner.mini_batches_per_step)
         n_step = max(1, sum(t.num_tokens for t in trajectories))
         recompute = self._recompute_old()
         # Everything the later mini-batches need from the pre-update weights is read now, before the first step.
         extra: dict[str, float] = {}
-        old = self._recompute_logprobs([t for m in minis[1:] for t in m], images, extra) if recompute else None
+        later = [t for m in minis[1:] for t in self._share(m)]  # a rank trains (and recomputes) its share only
+        old = self._recompute_logprobs(later, images, extra) if recompute else None
+        if self.dp is not None:
+            extra = self.dp.merge(extra)
         params = [p for p in self.model.parameters() if p.requires_grad]
         out: dict[str, float] = {}
         grad_norms: list[float] = []
@@ -306,7 +349,7 @@ class Learner:
             n_valid = max(1, sum(t.num_tokens for t in mini))
             plan = _Pass(n_valid, old=old, self_old=recompute and j == 0, measure_mismatch=j == 0)
             acc = self._mini_batch_backward(mini, images, plan)
-            grad_norms.append(float(torch.nn.utils.clip_grad_norm_(params, self.cfg.learner.grad_clip)))
+            grad_norms.append(fsdp.grad_norm(torch.nn.utils.clip_grad_norm_(params, self.cfg.learner.grad_clip)))
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             for k, v in acc.items():  # mini-batch means -> step means (token-weighted); maxima and sums as they are
@@ -345,17 +388,39 @@ class Learner:
     def state_for_push(self, transport: str = "object_store") -> WeightPush:
         """The samplers' next weights (HF names; frozen tensors skipped: they never change), bucketed for the
         transport, cast to the samplers' dtype (bf16 on GPU halves the bytes of the fp32 master copy)."""
+        if self.dp is not None:  # gathered once from the shards (every rank takes part); rank 0 sends
+            named = fsdp.full_weights(self.model, self.push_dtype, self.frozen, self.dp.rank)
+            if self.dp.rank != 0:
+                return None
+        else:
+            named = [
+                (n, p.detach().to(self.push_dtype)) for n, p in self.model.state_dict().items() if n not in self.frozen
+            ]
+        if transport == "collective":
+            return self._collective_sender().make_push(named, self.version)
         sender = self._senders.get(transport)
         if sender is None:
             sender = self._senders[transport] = WeightSender(transport)
-        named = [
-            (n, p.detach().to(self.push_dtype)) for n, p in self.model.state_dict().items() if n not in self.frozen
-        ]
         return sender.make_push(named, self.version)
 
+    # The collective transport (learner/collective.py; the driver runs the protocol, vzero/pushes.py).
+    def _collective_sender(self) -> CollectiveSender:
+        if self._collective is None:
+            self._collective = CollectiveSender(self.device, timeout_s=self.cfg.learner.weight_push_timeout_s)
+        return self._collective
+
+    def open_weight_group(self, key: str, world_size: int) -> GroupSpec:
+        return self._collective_sender().open_group(key, world_size)
+
+    def join_weight_group(self, key: str) -> str:
+        return self._collective_sender().join_group(key)
+
+    def send_weights(self, version: int, keys: list[str]) -> dict[str, str]:
+        return self._collective_sender().send(version, keys)
+
     def release_push(self, keep: list[int] | None = None) -> None:
-        """Drop the CUDA IPC buckets of every version not in `keep` (the driver will never send those pushes again)."""
-        for sender in self._senders.values():
+        """Drop the CUDA IPC / collective buckets of every version not in `keep` (never sent again)."""
+        for sender in [*self._senders.values(), *([self._collective] if self._collective else [])]:
             sender.release(keep or ())
 
     def device_uuid(self) -> str:
@@ -367,16 +432,37 @@ class Learner:
 
     # -- checkpoints ------------------------------------------------------------------------------------------
     def save(self, directory: str) -> None:
-        """Write model (HF format, safetensors) + optimizer + RNG into `directory` (the driver makes it atomic)."""
+        """Write model (HF format, safetensors) + optimizer + RNG into `directory` (the driver makes it atomic);
+        sharded ranks write DCP shards next to the HF model dir (learner/fsdp.py)."""
+        if self.dp is not None:
+            fsdp.save(
+                Path(directory),
+                self.model,
+                self.optimizer,
+                rank=self.dp.rank,
+                world_size=self.dp.world_size,
+                source_model=self.cfg.student.path,
+                version=self.version,
+            )
+            return
         save_training_state(Path(directory), self.model, self.optimizer, self.cfg.student.path, self.version)
 
     def load(self, directory: str) -> int:
-        """Restore model, optimizer, RNG and version from a checkpoint directory; returns the version."""
-        self.version = load_training_state(Path(directory), self.model, self.optimizer)
+        """Restore model, optimizer, RNG and version from a checkpoint directory; returns the version. Either
+        layout loads into either kind of learner (DCP reshards to this world size)."""
+        path, rank = Path(directory), self.dp.rank if self.dp is not None else 0
+        if fsdp.is_sharded_checkpoint(path):
+            self.version = fsdp.load(path, self.model, self.optimizer, rank=rank)
+        elif self.dp is not None:
+            self.version = fsdp.load_unsharded(path, self.model, self.optimizer, rank=rank)
+        else:
+            self.version = load_training_state(path, self.model, self.optimizer)
         return self.version
 
     def ready(self) -> str:
         """Returns once __init__ finished (the driver waits on it)."""
+        if self.dp is not None:
+            return f"learner rank {self.dp.rank}/{self.dp.world_size}: transformers + FSDP2 on {self.device}"
         return f"learner: transformers on {self.device}"
 
 

@@ -9,6 +9,7 @@ Transports (the receiving end is `actors.sampler.Sampler.update_weights` + `acto
   Measured 0.19 s for 7 GB between two Ray actors on one H100. The sender keeps each version's buckets alive until
   the driver says no push of that version can be sent again (`release(keep=...)`): a handle to freed buckets would
   map whatever the allocator put there since, so a retried push after a sampler restart must never meet one.
+- `collective`: learner/collective.py (a process group per sampler; only the plan travels through Ray).
 Frozen parameters (e.g. a frozen vision tower) are never sent.
 """
 

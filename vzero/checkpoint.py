@@ -121,16 +121,21 @@ def _rng_tensors() -> dict[str, torch.Tensor]:
     return out
 
 
+def copy_processor_files(source_model: Path, model_dir: Path) -> None:
+    """Make a saved model dir complete (vLLM / transformers can load it): the tokenizer and processor files."""
+    for name in PROCESSOR_FILES:
+        src = source_model / name
+        if src.is_file():
+            shutil.copy2(src, model_dir / name)
+
+
 def save_training_state(
     directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, source_model: str, version: int
 ) -> None:
     """Model + optimizer + torch RNG into `directory` (which the caller created)."""
     model_dir = directory / "model"
     model.save_pretrained(model_dir, safe_serialization=True)
-    for name in PROCESSOR_FILES:  # make the checkpoint a complete model dir (vLLM / transformers can load it)
-        src = Path(source_model) / name
-        if src.is_file():
-            shutil.copy2(src, model_dir / name)
+    copy_processor_files(Path(source_model), model_dir)
     state = optimizer.state_dict()
     tensors, scalars = {}, {}
     for idx, st in state["state"].items():
@@ -144,6 +149,24 @@ def save_training_state(
         json.dumps({"param_groups": state["param_groups"], "scalars": scalars, "version": version})
     )
     save_file(_rng_tensors(), str(directory / "rng.safetensors"))
+
+
+def read_training_state(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
+    """The checkpoint's full model and optimizer state keyed by parameter name (what
+    `torch.distributed.checkpoint.state_dict.set_state_dict(full_state_dict=True)` takes, e.g. to load this
+    world-size-1 layout into sharded learner ranks), and its version. The optimizer's parameters are the model's
+    trainable ones in `named_parameters` order (how the learner builds it)."""
+    from vzero.models.loading import load_model
+
+    full_model = load_model(directory / "model", dtype="float32", device="cpu").state_dict()
+    meta = json.loads((directory / "optimizer.json").read_text())
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    state: dict[str, dict] = {}
+    for key, val in [*load_file(str(directory / "optimizer.safetensors")).items(), *meta["scalars"].items()]:
+        idx, name = key.split(".", 1)
+        state.setdefault(names[int(idx)], {})[name] = val
+    groups = [{**g, "params": [names[i] for i in g["params"]]} for g in meta["param_groups"]]
+    return full_model, {"state": state, "param_groups": groups}, int(meta["version"])
 
 
 def load_training_state(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:

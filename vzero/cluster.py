@@ -63,20 +63,21 @@ def _pythonpath() -> str:
 
 
 def requested_resources(cfg: TrainConfig) -> dict[str, float]:
-    """Total CPUs/GPUs the job's actors ask Ray for (also used to check the KubeRay manifests)."""
-    groups = [
-        (cfg.rollout.num_samplers, cfg.rollout.resources),
-        (cfg.teacher.num_actors, cfg.teacher.resources),
-        (1, cfg.learner.resources),
-    ]
-    return {
-        "CPU": sum(n * r.num_cpus for n, r in groups),
-        "GPU": sum(n * r.num_gpus for n, r in groups),
-    }
+    """Total CPUs/GPUs the job's actors ask Ray for (also used to check the KubeRay manifests); vzero/placement.py
+    has the per-actor bundles (learner ranks, tensor-parallel engines)."""
+    from vzero.placement import bundles
+
+    out = {"CPU": 0.0, "GPU": 0.0}
+    for b in bundles(cfg):
+        for k in out:
+            out[k] += b.resources.get(k, 0.0)
+    return out
 
 
 def check_resources(cfg: TrainConfig) -> None:
     """Fail before spawning anything if the cluster can never fit the actors (they would pend forever)."""
+    from vzero.placement import alive_nodes, check_layout
+
     have = ray.cluster_resources()
     want = requested_resources(cfg)
     short = {k: (v, have.get(k, 0.0)) for k, v in want.items() if v > have.get(k, 0.0) + 1e-9}
@@ -86,10 +87,12 @@ def check_resources(cfg: TrainConfig) -> None:
             f"the cluster cannot fit this job's actors ({detail}). Lower rollout.num_samplers / "
             "*.resources.num_cpus / num_gpus, or add nodes (ray.num_cpus for a local cluster)."
         )
+    check_layout(cfg, alive_nodes())  # the totals fit; now per node (TP engines, learner ranks, custom resources)
 
 
-def spawn(cls: type, resources: ActorResources, name: str, *args: Any) -> Any:
-    """`ray.remote(**opts)(cls)` with the config's resources; restarts come from `max_restarts`."""
+def spawn(cls: type, resources: ActorResources, name: str, *args: Any, placement: Any = None) -> Any:
+    """`ray.remote(**opts)(cls)` with the config's resources; restarts come from `max_restarts`. `placement` is a
+    scheduling strategy (a placement-group bundle, vzero/placement.py) or None."""
     opts = dict(
         num_cpus=resources.num_cpus,
         num_gpus=resources.num_gpus,
@@ -98,6 +101,10 @@ def spawn(cls: type, resources: ActorResources, name: str, *args: Any) -> Any:
         name=name,
         get_if_exists=False,
     )
+    if resources.custom:
+        opts["resources"] = dict(resources.custom)
+    if placement is not None:
+        opts["scheduling_strategy"] = placement
     return ray.remote(**opts)(cls).remote(*args)
 
 

@@ -17,6 +17,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from vzero.teacher_prompt import CROP, DEFAULT_TEMPLATE, IMAGE, Context, count_markers
+
 EngineKind = Literal["auto", "vllm", "transformers"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 # Seeds reach numpy (np.random.seed: < 2**32, non-negative) and vLLM engines as `seed + rank`: 31 bits fit all of them.
@@ -89,6 +91,9 @@ class ActorResources(_Strict):
     """GPUs per actor: 0 = CPU, a fraction to colocate on one GPU, an integer for whole GPUs."""
     max_restarts: int = Field(2, ge=-1)
     """How many times Ray restarts the actor after it dies (-1 = forever); the driver then retries its work."""
+    custom: dict[str, float] = {}
+    """Custom Ray resources per actor, e.g. `{vzero_learner: 1}`: pins a role to the nodes (KubeRay worker group)
+    that advertise them (`rayStartParams: {resources: ...}`). Empty = any node with room."""
 
 
 class VLLMOptions(_Strict):
@@ -130,7 +135,8 @@ class DataConfig(_Strict):
     """Training prompts: a Parquet file in the vzero schema (see README, Data format)."""
 
     path: str = "runs/data/synth-train.parquet"
-    """Parquet file with id, image, question, evidence_box (+ optional negative_box, source, pos_image, neg_image)."""
+    """Parquet file with id, image, question, evidence_box (+ optional negative_box, source, pos_images, neg_images,
+    teacher_prompt)."""
     synth: DataSynth | None = None
     """If set and `path` does not exist, synthesise it first."""
     shuffle: bool = True
@@ -176,8 +182,41 @@ class TeacherConfig(_Strict):
     """Gating actors; trajectories of one prompt always go to the same actor (shared view encodings)."""
     micro_batch_size: int = Field(16, ge=1)
     """Trajectories per teacher forward (transformers engine)."""
+    context: Context = "full_and_crop"
+    """What the teacher prompt shows. `full_and_crop` (the authors'): the FULL image first, then the evidence crop;
+    the negative replay swaps only the crop. `crop`: the crop alone (a variant: cheaper, the teacher judges the
+    evidence without the scene around it). Applies to `prompt_template` and to rows' own templates (their `<image>`
+    markers are dropped under `crop`). `full_and_crop` needs 2 images per prompt: `vllm.max_images_per_prompt` is
+    set to 2 unless given (a row with k crops needs k + 1)."""
+    prompt_template: str = DEFAULT_TEMPLATE
+    """The teacher's user turn for rows without their own (`teacher_prompt` column, e.g. the authors'
+    `teacher_raw_prompt`): `<image>` = the full image, `<crop>` = the evidence crop (exactly one), `{question}` = the
+    row's question; text in between is kept verbatim. Default: no words of ours, just full image, crop, question."""
     resources: ActorResources = ActorResources()
     vllm: VLLMOptions = VLLMOptions()
+
+    @model_validator(mode="after")
+    def _context(self) -> TeacherConfig:
+        images, crops = count_markers(self.prompt_template)
+        if crops != 1 or images > 1:
+            raise ValueError(
+                f"prompt_template needs exactly one {CROP} and at most one {IMAGE} (got {crops} and {images}): "
+                f"{self.prompt_template!r}"
+            )
+        if self.context == "full_and_crop":
+            if images == 0:
+                raise ValueError(
+                    f"context=full_and_crop but prompt_template has no {IMAGE}: the teacher would never see the full "
+                    "image (add it, or set context=crop)"
+                )
+            if "max_images_per_prompt" not in self.vllm.model_fields_set:
+                self.vllm.max_images_per_prompt = 2
+            elif self.vllm.max_images_per_prompt < 2:
+                raise ValueError(
+                    "context=full_and_crop sends 2 images per teacher prompt (the full image and the crop): "
+                    f"vllm.max_images_per_prompt must be >= 2 (got {self.vllm.max_images_per_prompt})"
+                )
+        return self
 
 
 class ViewConfig(_Strict):
@@ -301,9 +340,29 @@ class LearnerConfig(_Strict):
     weight_push_every: int = Field(1, ge=1)
     """Push weights to samplers every k steps (and at every checkpoint). Async only: a batch may then lag k - 1
     more versions, so `max_staleness` must be >= k (the in-flight depth shrinks to max_staleness - k + 1)."""
-    weight_transport: Literal["auto", "object_store", "cuda_ipc"] = "auto"
-    """`auto` = CUDA IPC handles when learner and sampler share a GPU, else one object-store put with many gets."""
+    weight_transport: Literal["auto", "object_store", "cuda_ipc", "collective"] = "auto"
+    """How pushed weights reach the samplers. `auto` = CUDA IPC handles for a sampler on the learner's GPU and the
+    collective for every other sampler (a mix in one run is fine); `collective` = a process group between learner
+    rank 0 and each sampler's workers (NCCL on GPU, gloo on CPU; only metadata travels through Ray);
+    `object_store` = one put into Ray's object store, one get per sampler (slowest on GPU: 58 s for 7 GB)."""
+    weight_push_timeout_s: float = Field(300.0, gt=0)
+    """A push (or a weight-group rendezvous) that has not completed after this many seconds fails with an error
+    naming the sampler (a dead or hung peer never blocks the run forever)."""
+    world_size: int = Field(1, ge=1)
+    """Learner ranks: 1 = one process (no sharding); N > 1 = N ranks (one GPU each, or CPU processes) in one Ray
+    placement group training with FSDP2, each on its share of the step; `resources` is per rank."""
     resources: ActorResources = ActorResources()
+    """Per learner rank."""
+
+    @model_validator(mode="after")
+    def _ranks_get_whole_gpus(self) -> LearnerConfig:
+        g = self.resources.num_gpus
+        if self.world_size > 1 and 0 < g < 1:
+            raise ValueError(
+                f"learner.world_size={self.world_size} needs whole GPUs per rank (learner.resources.num_gpus >= 1, "
+                f"or 0 for CPU ranks; got {g:g}): NCCL refuses two ranks on one GPU"
+            )
+        return self
 
 
 class RayConfig(_Strict):

@@ -5,7 +5,8 @@
   2. samples   = samplers.generate(prompts)      n trajectories/prompt on the full image, with sampler log-probs
   3. gated     = gating.gate(samples)             teacher replay on positive + negative views -> gate weights
   4. metrics   = learner.train_step(gated)        gated distillation loss, AdamW step, policy version + 1
-  5. push      learner weights -> every sampler   (one object-store put, many gets; skipped versions are no-ops)
+  5. push      learner weights -> every sampler   (vzero/pushes.py: CUDA IPC on the learner's GPU, a collective
+                                                  broadcast to other GPUs / CPU samplers, or the object store)
 `sync` is strictly on-policy: every batch is sampled by the weights it is trained on (staleness 0). In `async` mode
 later steps' rollouts are already queued on the samplers while the learner trains; with weight_push_every = k the
 driver keeps max_staleness - k + 1 steps in flight, so a batch is never more than `max_staleness` versions behind
@@ -38,25 +39,27 @@ import torch
 from actors.sampler import Sampler
 from gating.gate import GateTerms, gate_metrics
 from gating.teacher import TERMS_KEY, Gating, merge_stats
+from learner.group import LearnerGroup
 from learner.learner import Learner
 from vzero import checkpoint as ckpt
 from vzero import run_dir
 from vzero.cluster import call_with_retry, check_resources, connect, spawn, wait_ready
-from vzero.config import ConfigError, TrainConfig, dump_config
+from vzero.config import ConfigError, RolloutConfig, TeacherConfig, TrainConfig, dump_config
 from vzero.console import progress_line, ray_logs_dir, summary
 from vzero.data.quarantine import QuarantineWriter
 from vzero.data.stream import PromptStream
 from vzero.loop_state import (
     InFlight,
     host_rng_state,
-    pushes_to_keep,
     restore_trajectories,
     rollout_record,
     set_host_rng_state,
 )
 from vzero.metrics_log import MetricsLog
 from vzero.models.compat import TokenizerMismatchError, check_same_tokenizer
+from vzero.placement import engine_strategy
 from vzero.preflight import prepare_inputs
+from vzero.pushes import WeightPusher
 from vzero.records import Trajectory
 from vzero.runtime import derive_seed
 from vzero.telemetry import Telemetry
@@ -81,21 +84,26 @@ class Run:
         (self.out / "config.yaml").write_text(dump_config(cfg))
         connect(cfg)
         check_resources(cfg)
+        self.placement_groups: list[Any] = []  # of tensor-parallel engines (vzero/placement.py); removed at shutdown
+        names = [f"vzero-sampler-{i}-{id(self):x}" for i in range(cfg.rollout.num_samplers)]
         self.samplers = [
-            spawn(Sampler, cfg.rollout.resources, f"vzero-sampler-{i}-{id(self):x}", cfg, i)
-            for i in range(cfg.rollout.num_samplers)
+            spawn(Sampler, cfg.rollout.resources, n, cfg, i, placement=self._engine_placement(cfg.rollout, n))
+            for i, n in enumerate(names)
         ]
+        names = [f"vzero-gating-{i}-{id(self):x}" for i in range(cfg.teacher.num_actors)]
         self.gaters = [
-            spawn(Gating, cfg.teacher.resources, f"vzero-gating-{i}-{id(self):x}", cfg, i)
-            for i in range(cfg.teacher.num_actors)
+            spawn(Gating, cfg.teacher.resources, n, cfg, i, placement=self._engine_placement(cfg.teacher, n))
+            for i, n in enumerate(names)
         ]
-        self.learner = spawn(Learner, cfg.learner.resources, f"vzero-learner-{id(self):x}", cfg)
+        name = f"vzero-learner-{id(self):x}"  # world_size > 1: N FSDP ranks behind the same methods (a facade)
+        one = cfg.learner.world_size == 1
+        self.learner = spawn(Learner, cfg.learner.resources, name, cfg) if one else LearnerGroup(cfg, name)
         named = {f"sampler-{i}": a for i, a in enumerate(self.samplers)}
         named.update({f"gating-{i}": a for i, a in enumerate(self.gaters)})
         named["learner"] = self.learner
         self.engines = wait_ready(named)
         log.info("actors ready: %s", "; ".join(self.engines.values()))
-        self.transport = self._resolve_transport()
+        self.pusher = WeightPusher(cfg, self.learner, self.samplers)
         latest = ckpt.latest_checkpoint(self.out / "checkpoints") if resume else None
         if resume:  # drop what steps after the checkpoint wrote (they are trained again)
             state = json.loads((latest / "trainer_state.json").read_text()) if latest else {"step": 0}
@@ -112,7 +120,6 @@ class Run:
         self.telemetry = Telemetry(enabled=cfg.logging.ray_metrics)
         self.step = 0
         self.version = 0
-        self.weight_refs: dict[int, Any] = {}  # published pushes a (retried) push may still send, by version
         self.faults = 0  # actor deaths / restarts the loop recovered from
         self.pushed_version = 0  # what the samplers hold (lags self.version when learner.weight_push_every > 1)
         self.inflight: deque[InFlight] = deque()  # submitted steps not trained yet, oldest first
@@ -181,42 +188,17 @@ class Run:
         self.saved = (self.step, final)
         return final
 
-    # -- weights ------------------------------------------------------------------------------------------------
+    # -- weights (vzero/pushes.py: transports, the collective protocol, timeouts, what is kept) ------------------
     def _publish_weights(self) -> None:
-        """One put of the learner's current state into the object store (samplers get it from there)."""
-        self.weight_refs[self.version] = self.learner.state_for_push.remote(self.transport)
-
-    def _push_ref(self, version: int) -> Any:
-        """A push of `version` that is valid now (never one whose CUDA IPC buckets the learner freed)."""
-        ref = self.weight_refs.get(version)
-        if ref is not None:
-            return ref
-        # Released by `_prune_pushes`, which only does so where the learner is idle at that very version when it
-        # is needed again (sync, CUDA IPC: a sampler restarted during the rollout): publish it once more.
-        current = ray.get(self.learner.policy_version.remote())
-        if version != self.version or current != version:
-            raise RuntimeError(f"no push of policy version {version} is kept and the learner is at {current}")
-        self._publish_weights()
-        return self.weight_refs[version]
+        self.pusher.publish(self.version)
 
     def _prune_pushes(self) -> None:
-        """Keep exactly the pushes a retry may still send; the learner frees the others' CUDA IPC buckets."""
-        keep = pushes_to_keep(list(self.inflight), self.pushed_version, mode=self.cfg.mode, transport=self.transport)
-        self.weight_refs = {v: r for v, r in self.weight_refs.items() if v in keep}
-        self.learner.release_push.remote(sorted(keep))
+        """Keep exactly the pushes a retry may still send; the learner frees the others' buckets."""
+        self.pusher.prune(list(self.inflight), self.pushed_version)
 
-    def _push_one(self, sampler: Any, version: int | None = None) -> Any:
-        version = self.version if version is None else version
-        return sampler.update_weights.remote(self._push_ref(version), version)
-
-    def _resolve_transport(self) -> str:
-        """`auto`: CUDA IPC when every sampler sits on the learner's GPU (zero copy), else the object store."""
-        wanted = self.cfg.learner.weight_transport
-        if wanted != "auto":
-            return wanted
-        learner_gpu = ray.get(self.learner.device_uuid.remote())
-        sampler_gpus = ray.get([s.device_uuid.remote() for s in self.samplers])
-        return "cuda_ipc" if learner_gpu and all(u == learner_gpu for u in sampler_gpus) else "object_store"
+    def _push_one(self, i: int, version: int | None = None) -> dict[str, float]:
+        """Bring sampler i to `version` (blocking)."""
+        return self.pusher.push([i], self.version if version is None else version)[0]
 
     def _count_fault(self) -> None:
         self.faults += 1
@@ -225,25 +207,13 @@ class Run:
         """A restarted sampler is back at the initial weights (version 0): bring it to `version`."""
         self.faults += 1
         if version > 0:
-            ray.get(self._push_one(self.samplers[i], version))
+            self._push_one(i, version)
 
     def _push_all(self) -> dict[str, float]:
         self.pushed_version = self.version
-        t0 = time.perf_counter()
-        results = call_with_retry(
-            lambda: [self._push_one(s) for s in self.samplers], what="weight push", on_restart=None
-        )
-        seconds = time.perf_counter() - t0
+        metrics = self.pusher.push_all(self.version)
         self._prune_pushes()  # every sampler has loaded it
-        nbytes = max((r.get("bytes", 0.0) for r in results), default=0.0)
-        return {
-            "weight_push/seconds": seconds,
-            "weight_push/load_seconds_max": max(r["seconds"] for r in results),
-            "weight_push/gb": nbytes / 1e9,
-            "weight_push/gb_per_s": nbytes / 1e9 / seconds if seconds > 0 else 0.0,
-            "sampler/min_version": min(r["version"] for r in results),
-            "weight_push/transport_ipc": float(self.transport == "cuda_ipc"),
-        }
+        return metrics
 
     # -- stages -------------------------------------------------------------------------------------------------
     def _submit_rollout(self, step: int) -> InFlight:
@@ -281,7 +251,7 @@ class Run:
                 self._restore_sampler(i, job.version)
                 trajs, st = call_with_retry(submit, what=what, on_restart=restarted)
             if self.pushed_version > job.version and self.faults:  # async: pushes queued on the dead actor were lost
-                ray.get(self._push_one(self.samplers[i], self.pushed_version))
+                self._push_one(i, self.pushed_version)
             trajectories.extend(trajs)
             seconds = max(seconds, st["seconds"])
             tokens += st["tokens"]
@@ -415,9 +385,21 @@ class Run:
         log.warning("SIGTERM: finishing the current step, writing a checkpoint, then stopping")
         self.stop_requested = True
 
+    def _engine_placement(self, role: RolloutConfig | TeacherConfig, name: str) -> Any:
+        strategy = engine_strategy(role.resources, role.vllm, name)
+        if strategy is not None:
+            self.placement_groups.append(strategy.placement_group)
+        return strategy
+
     def shutdown(self) -> None:
-        for a in [*self.samplers, *self.gaters, self.learner]:
+        for a in [*self.samplers, *self.gaters]:
             ray.kill(a, no_restart=True)
+        if isinstance(self.learner, LearnerGroup):
+            self.learner.shutdown()
+        else:
+            ray.kill(self.learner, no_restart=True)
+        for pg in self.placement_groups:
+            ray.util.remove_placement_group(pg)
 
 
 def _check_tokenizers(cfg: TrainConfig) -> None:

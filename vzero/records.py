@@ -24,8 +24,9 @@ class Prompt:
     question: str
     evidence_box: Box  # question-relevant region; the positive view is its crop
     negative_box: Box | None = None  # optional user-chosen irrelevant region for the negative view
-    pos_image: bytes | None = None  # precomputed positive view (imported datasets); overrides the crop
-    neg_image: bytes | None = None  # precomputed negative view (imported datasets)
+    pos_images: tuple[bytes, ...] = ()  # precomputed evidence crops, in `<crop>` order; override the box's crop
+    neg_images: tuple[bytes, ...] = ()  # precomputed negatives: none, or one per crop (each swaps its crop)
+    teacher_prompt: str | None = None  # the teacher's user-turn template (vzero.teacher_prompt); unset = config's
     source: str | None = None  # dataset / task family, for per-source breakdowns
 
 

@@ -1,18 +1,29 @@
-"""The teacher's two views of a prompt: the evidence crop and a negative view (vzero-method.md, "Negative view").
+"""The teacher's views of a prompt: evidence crop(s), a negative view per crop, the full image (vzero-method.md).
 
-- positive: the evidence box, padded by `margin` (a fraction of the box side) and clipped to the image, then resized
-  to the teacher's pixel budget.
+Pixel budget [min_pixels, max_pixels] (the teacher's `ModelSource` budget; the authors: 65,536 and 16,777,216 px for
+every image). Every view is shown at a size inside it: a larger image is downscaled (bicubic, aspect kept), a
+smaller one UPSCALED to min_pixels, so a small evidence crop is really seen zoomed in (more vision tokens than the
+same region has in the full image); an image already inside the budget keeps its native size (the full image, in
+the usual case). The model's processor then only rounds the sides to its patch grid.
+
+- positive: the evidence box, padded by `margin` (a fraction of the box side) and clipped to the image, then brought
+  into the budget.
 - `hard_negative_crop`: a crop of exactly the positive crop's size from a region that does not overlap the expanded
   evidence box, drawn uniformly over all such positions with an RNG seeded by (seed, uid), so a prompt gets the same
-  negative in every epoch and on every machine. A row's `negative_box` (user-chosen) is used instead when given, and
-  resized to the positive view's size. If the image has no room for a non-overlapping crop of that size (evidence
-  covers most of it), it falls back to `downsample_teacher_crop` and says so in `mode_used`.
-- `downsample_teacher_crop`: the positive view downsampled by `factor` (bicubic) and then upsampled back (bicubic) to
-  the positive view's size. Presenting it at the same size keeps the teacher's geometry (same number of image
-  tokens, same layout) so the only difference between the two teacher passes is the destroyed fine detail; a smaller
-  image would also change the token count and position ids, confounding the contrast.
-- precomputed views (imported datasets carry `pos_image` / `neg_image`) replace the computed ones; they are
-  budget-resized like the rest, and `mode_used` is "precomputed" for a precomputed negative.
+  negative in every epoch and on every machine; it gets the positive's resizing. A row's `negative_box`
+  (user-chosen) is used instead when given, and resized to the positive view's size. If the image has no room for a
+  non-overlapping crop of that size (evidence covers most of it), it falls back to `downsample_teacher_crop` and
+  says so in `mode_used`.
+- `downsample_teacher_crop`: the crop (capped at max_pixels, BEFORE any upscaling: downsampling an upscaled crop by
+  2 would destroy nothing it had) downsampled by `factor` (bicubic) and upsampled (bicubic) to the positive view's
+  size. Presenting it at the same size keeps the teacher's geometry (same number of image tokens, same layout) so
+  the only difference between the two teacher passes is the destroyed fine detail; a smaller image would also change
+  the token count and position ids, confounding the contrast.
+- precomputed crops (imported datasets: `pos_images`, several allowed, and `neg_images`, one per crop) replace the
+  computed ones; each is brought into the budget on its own, and `mode_used` is "precomputed" for precomputed
+  negatives. Several crops without negatives get a downsampled negative each (a hard negative needs the box).
+- the full image (`full=True`, for a teacher prompt that shows it: `teacher.context: full_and_crop`) is brought into
+  the same budget; the negative replay shows the same full image, only the crops change.
 
 Pure Pillow; knows nothing about models, tokens or Parquet.
 """
@@ -21,6 +32,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
@@ -85,20 +97,40 @@ def resize_to_budget(img: Image.Image, *, max_pixels: int, min_pixels: int = 0) 
     return img.resize(new, Image.Resampling.BICUBIC)
 
 
+def _present(crop: Image.Image, *, min_pixels: int, max_pixels: int) -> tuple[Image.Image, Image.Image]:
+    """(crop capped at `max_pixels`, crop as the teacher sees it: the capped one upscaled to `min_pixels` if smaller).
+
+    The capped image holds the detail the teacher can get at this budget: a negative's detail is destroyed from it,
+    before any upscaling (downsampling an upscaled crop by 2 would destroy nothing the original had)."""
+    capped = resize_to_budget(crop, max_pixels=max_pixels)
+    return capped, resize_to_budget(capped, max_pixels=max_pixels, min_pixels=min_pixels)
+
+
+def _sized(img: Image.Image, size: tuple[int, int]) -> Image.Image:
+    return img if img.size == size else img.resize(size, Image.Resampling.BICUBIC)
+
+
 def positive_view(
-    img: Image.Image, box: Box, *, margin: float = DEFAULT_MARGIN, max_pixels: int = DEFAULT_VIEW_MAX_PIXELS
+    img: Image.Image,
+    box: Box,
+    *,
+    margin: float = DEFAULT_MARGIN,
+    max_pixels: int = DEFAULT_VIEW_MAX_PIXELS,
+    min_pixels: int = 0,
 ) -> Image.Image:
-    """The evidence crop: `expand_box` then `resize_to_budget`."""
-    return resize_to_budget(img.crop(expand_box(box, margin, img.size)), max_pixels=max_pixels)
+    """The evidence crop: `expand_box`, then down to `max_pixels` if larger, up to `min_pixels` if smaller."""
+    return _present(img.crop(expand_box(box, margin, img.size)), min_pixels=min_pixels, max_pixels=max_pixels)[1]
 
 
-def downsample_view(view: Image.Image, factor: float = DEFAULT_DOWNSAMPLE_FACTOR) -> Image.Image:
-    """`view` downsampled by `factor` (bicubic) and upsampled back to its own size (see module docstring)."""
+def downsample_view(
+    view: Image.Image, factor: float = DEFAULT_DOWNSAMPLE_FACTOR, size: tuple[int, int] | None = None
+) -> Image.Image:
+    """`view` downsampled by `factor` (bicubic) and upsampled back (bicubic) to `size` (default: its own)."""
     if factor < 1:
         raise ValueError(f"downsample factor must be >= 1, got {factor}")
     w, h = view.size
     small = view.resize((max(1, round(w / factor)), max(1, round(h / factor))), Image.Resampling.BICUBIC)
-    return small.resize((w, h), Image.Resampling.BICUBIC)
+    return small.resize(size or (w, h), Image.Resampling.BICUBIC)
 
 
 def downsample_teacher_crop(
@@ -107,10 +139,12 @@ def downsample_teacher_crop(
     *,
     margin: float = DEFAULT_MARGIN,
     max_pixels: int = DEFAULT_VIEW_MAX_PIXELS,
+    min_pixels: int = 0,
     factor: float = DEFAULT_DOWNSAMPLE_FACTOR,
 ) -> Image.Image:
-    """The positive view with its fine detail destroyed, at the positive view's size."""
-    return downsample_view(positive_view(img, box, margin=margin, max_pixels=max_pixels), factor)
+    """The positive view with its fine detail destroyed (at the capped resolution), at the positive view's size."""
+    capped, shown = _present(img.crop(expand_box(box, margin, img.size)), min_pixels=min_pixels, max_pixels=max_pixels)
+    return downsample_view(capped, factor, shown.size)
 
 
 def hard_negative_box(box: Box, *, margin: float, size: tuple[int, int], seed: int, uid: str) -> IntBox | None:
@@ -153,20 +187,36 @@ def hard_negative_crop(
     uid: str,
     margin: float = DEFAULT_MARGIN,
     max_pixels: int = DEFAULT_VIEW_MAX_PIXELS,
+    min_pixels: int = 0,
     negative_box: Box | None = None,
+    size: tuple[int, int] | None = None,
 ) -> Image.Image | None:
-    """An irrelevant crop presented exactly like the positive view (same size), or None if the image has no room.
+    """An irrelevant crop presented exactly like the positive view, or None if the image has no room.
 
-    With `negative_box`, that region (expanded by the same margin) is used and resized to the positive view's size.
+    A crop of the evidence's own size goes through the positive view's resizing (so both get the same treatment);
+    `negative_box` (expanded by the same margin) is used instead when given. The result has `size` (default: the
+    positive view's size), resized there directly from the crop when it does not have it already.
     """
-    pos_size = positive_view(img, box, margin=margin, max_pixels=max_pixels).size
+    size = size or positive_view(img, box, margin=margin, max_pixels=max_pixels, min_pixels=min_pixels).size
     if negative_box is not None:
-        crop = img.crop(expand_box(negative_box, margin, img.size))
-        return crop if crop.size == pos_size else crop.resize(pos_size, Image.Resampling.BICUBIC)
-    neg = hard_negative_box(box, margin=margin, size=img.size, seed=seed, uid=uid)
-    if neg is None:
+        region: IntBox | None = expand_box(negative_box, margin, img.size)
+    else:
+        region = hard_negative_box(box, margin=margin, size=img.size, seed=seed, uid=uid)
+    if region is None:
         return None
-    return resize_to_budget(img.crop(neg), max_pixels=max_pixels)
+    crop = img.crop(region)
+    shown = _present(crop, min_pixels=min_pixels, max_pixels=max_pixels)[1]
+    return shown if shown.size == size else _sized(crop, size)
+
+
+@dataclass(frozen=True)
+class TeacherViews:
+    """What the teacher sees of one prompt: its evidence crop(s), one negative per crop, optionally the full image."""
+
+    pos: tuple[Image.Image, ...]  # evidence crops, in the row's `<crop>` order (one for a box-only row)
+    neg: tuple[Image.Image, ...]  # the i-th replaces the i-th crop in the negative replay
+    mode_used: str  # negative actually used: the mode asked for, a fallback, or "precomputed"
+    full: Image.Image | None = None  # the full image within the budget (when asked for: `<image>` in the prompt)
 
 
 def views_for(
@@ -175,41 +225,52 @@ def views_for(
     mode: str,
     margin: float = DEFAULT_MARGIN,
     max_pixels: int = DEFAULT_VIEW_MAX_PIXELS,
+    min_pixels: int = 0,
     factor: float = DEFAULT_DOWNSAMPLE_FACTOR,
     seed: int = 0,
-) -> tuple[Image.Image, Image.Image, str]:
-    """(positive view, negative view, mode actually used) for one prompt.
+    full: bool = False,
+) -> TeacherViews:
+    """The teacher's views of one prompt at the pixel budget [min_pixels, max_pixels] (module docstring).
 
-    `mode_used` is `mode`, or `downsample_teacher_crop` when a hard negative does not fit, or "precomputed" when the
-    prompt carries `neg_image`. Record it (Trajectory.negative_mode): fallbacks are reported, not hidden.
+    `mode_used` is `mode`, or `downsample_teacher_crop` when a hard negative does not fit (or the row holds several
+    precomputed crops and no negatives: a hard negative needs the evidence box), or "precomputed" when the prompt
+    carries `neg_images`. Record it (Trajectory.negative_mode): fallbacks are reported, not hidden.
     """
     if mode not in NEGATIVE_MODES:
         raise ValueError(f"unknown negative mode {mode!r}; choose one of {NEGATIVE_MODES}")
-    full: Image.Image | None = None
-    if prompt.pos_image is not None:
-        pos = resize_to_budget(decode_rgb(prompt.pos_image), max_pixels=max_pixels)
+    budget = {"min_pixels": min_pixels, "max_pixels": max_pixels}
+    image: Image.Image | None = None
+    if prompt.pos_images:
+        natives = [decode_rgb(b) for b in prompt.pos_images]
     else:
-        full = decode_rgb(prompt.image)
-        pos = positive_view(full, prompt.evidence_box, margin=margin, max_pixels=max_pixels)
-    if prompt.neg_image is not None:
-        return pos, resize_to_budget(decode_rgb(prompt.neg_image), max_pixels=max_pixels), PRECOMPUTED
-    if mode == HARD_NEGATIVE:
-        if full is None:
-            full = decode_rgb(prompt.image)
-        neg = hard_negative_crop(
-            full,
+        image = decode_rgb(prompt.image)
+        natives = [image.crop(expand_box(prompt.evidence_box, margin, image.size))]
+    presented = [_present(c, **budget) for c in natives]
+    pos = tuple(shown for _, shown in presented)
+    if full and image is None:
+        image = decode_rgb(prompt.image)
+    full_view = resize_to_budget(image, **budget) if full and image is not None else None
+
+    if prompt.neg_images:
+        neg = tuple(_present(decode_rgb(b), **budget)[1] for b in prompt.neg_images)
+        return TeacherViews(pos, neg, PRECOMPUTED, full_view)
+    if mode == HARD_NEGATIVE and len(pos) == 1:
+        if image is None:
+            image = decode_rgb(prompt.image)
+        hard = hard_negative_crop(
+            image,
             prompt.evidence_box,
             seed=seed,
             uid=prompt.uid,
             margin=margin,
-            max_pixels=max_pixels,
             negative_box=prompt.negative_box,
+            size=pos[0].size,  # a precomputed positive has its own size: present the negative like it
+            **budget,
         )
-        if neg is not None:
-            if neg.size != pos.size:  # only when pos is precomputed: present the negative like the positive
-                neg = neg.resize(pos.size, Image.Resampling.BICUBIC)
-            return pos, neg, HARD_NEGATIVE
-    return pos, downsample_view(pos, factor), DOWNSAMPLE
+        if hard is not None:
+            return TeacherViews(pos, (hard,), HARD_NEGATIVE, full_view)
+    neg = tuple(downsample_view(capped, factor, shown.size) for capped, shown in presented)
+    return TeacherViews(pos, neg, DOWNSAMPLE, full_view)
 
 
 def _uid_key(uid: str) -> int:

@@ -4,7 +4,8 @@
 A push is a list of buckets; each bucket is one flat uint8 buffer holding several tensors back to back plus the
 `ParamMeta` (HF name, dtype, shape, byte offset) of each. Bucketing (512 MB by default, as the authors' launcher does)
 turns ~800 small transfers into a handful of large ones and bounds the extra memory a push needs. The buffer itself
-travels as a CPU tensor through the Ray object store, or as a CUDA IPC handle when sender and receiver share a GPU.
+travels as a CPU tensor through the Ray object store, as a CUDA IPC handle when sender and receiver share a GPU, or
+over a process group (`collective`, vzero/weight_group.py): then only the `BucketPlan`s travel through Ray.
 """
 
 from __future__ import annotations
@@ -94,15 +95,37 @@ class IpcBucket:
 
 
 @dataclass
+class BucketPlan:
+    """What one bucket of a collective push holds; the bytes themselves come over the weight group."""
+
+    metas: list[ParamMeta]
+    nbytes: int  # the buffer's size (tensors aligned inside it)
+
+    def to_wire(self) -> list:
+        """Plain lists (survive msgpack into a spawned vLLM engine core, which turns tensors and dataclasses away)."""
+        metas = [[m.name, str(m.dtype).removeprefix("torch."), list(m.shape), m.offset] for m in self.metas]
+        return [metas, self.nbytes]
+
+    @staticmethod
+    def from_wire(w: list) -> BucketPlan:
+        metas, nbytes = w
+        return BucketPlan([ParamMeta(n, getattr(torch, d), tuple(s), o) for n, d, s, o in metas], int(nbytes))
+
+
+@dataclass
 class WeightPush:
-    """One push: either CPU buckets (object store) or IPC buckets (same GPU), and the policy version."""
+    """One push, and the policy version: CPU buckets (object store), IPC buckets (same GPU), or the plan of a
+    collective push (metadata only; the sender keeps the buckets until the push went out)."""
 
     version: int
     buckets: list[Bucket] | None = None
     ipc: list[IpcBucket] | None = None
+    plan: list[BucketPlan] | None = None
 
     @property
     def nbytes(self) -> int:
         if self.buckets is not None:
             return sum(m.nbytes for b in self.buckets for m in b.metas)
+        if self.plan is not None:
+            return sum(m.nbytes for b in self.plan for m in b.metas)
         return sum(m.nbytes for b in self.ipc or [] for m in b.metas)

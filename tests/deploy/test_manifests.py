@@ -25,11 +25,16 @@ import yaml
 from vzero import telemetry
 from vzero.cluster import requested_resources
 from vzero.config import TrainConfig, load_config
+from vzero.placement import bundles, check_layout
 
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
-VALIDATOR = REPO.parent / "shared/kuberay/validate.py"
-RAY_WORKLOADS = ("rayjob.yaml", "raycluster.yaml")
+# the shared/ kit beside the repo (or beside the directory of git worktrees)
+VALIDATOR = next(
+    (d / "shared/kuberay/validate.py" for d in (REPO.parent, REPO.parent.parent) if (d / "shared/kuberay").is_dir()),
+    REPO.parent / "shared/kuberay/validate.py",
+)
+RAY_WORKLOADS = ("rayjob.yaml", "raycluster.yaml", "rayjob-8gpu.yaml")
 
 
 # -- helpers ------------------------------------------------------------------------------------------------------
@@ -100,14 +105,18 @@ def worker_pods(name: str) -> list[tuple[Decimal, int]]:
     return pods
 
 
-def actors(cfg: TrainConfig) -> list[tuple[str, float, float]]:
-    """(name, CPUs, GPUs) of every actor the driver spawns (the same groups requested_resources sums)."""
-    groups = [
-        ("sampler", cfg.rollout.num_samplers, cfg.rollout.resources),
-        ("gating", cfg.teacher.num_actors, cfg.teacher.resources),
-        ("learner", 1, cfg.learner.resources),
-    ]
-    return [(f"{n}-{i}", r.num_cpus, r.num_gpus) for n, k, r in groups for i in range(k)]
+def pod_resources(name: str) -> list[dict[str, float]]:
+    """What Ray sees on each worker pod: CPUs and GPUs from the limits, custom resources from rayStartParams
+    (`resources: '"{\\"name\\": n}"'`, the JSON string KubeRay passes to `ray start --resources`)."""
+    out = []
+    for g in cluster_spec(name)["workerGroupSpecs"]:
+        limits = ray_container(g["template"])["resources"]["limits"]
+        res = {"CPU": float(cpu_quantity(limits["cpu"])), "GPU": float(limits.get("nvidia.com/gpu", 0))}
+        custom = g.get("rayStartParams", {}).get("resources")
+        if custom:
+            res.update(json.loads(json.loads(custom)))
+        out += [res] * int(g["replicas"])
+    return out
 
 
 # -- the offline KubeRay validator --------------------------------------------------------------------------------
@@ -143,14 +152,61 @@ def test_worker_gpus_match_the_config_exactly_and_cpus_suffice(name: str) -> Non
 
 @pytest.mark.parametrize("name", RAY_WORKLOADS)
 def test_every_actor_fits_on_a_worker_pod(name: str) -> None:
-    """First-fit of the actors (largest first) into the pods: the totals matching is not enough if one pod is too
-    small for the learner. (Whole-GPU actors here; fractional ones would also need per-GPU packing.)"""
-    free = [[float(c), float(g)] for c, g in worker_pods(name)]
-    for actor, cpu, gpu in sorted(actors(workload_config(name)), key=lambda a: (-a[2], -a[1])):
-        pod = next((p for p in free if p[0] >= cpu - 1e-9 and p[1] >= gpu - 1e-9), None)
-        assert pod is not None, f"{name}: no worker pod has room for {actor} ({cpu:g} CPU, {gpu:g} GPU); free: {free}"
-        pod[0] -= cpu
-        pod[1] -= gpu
+    """The driver's own up-front check (vzero/placement.py: every bundle, largest first, into the nodes; learner
+    ranks, tensor-parallel engines and custom resources included) passes on the pods the manifest starts: the
+    totals matching is not enough if one pod is too small for the learner or a TP engine's GPUs are split."""
+    check_layout(workload_config(name), pod_resources(name))
+
+
+def test_the_multi_gpu_layout_pins_every_role_to_its_pod_and_pushes_over_the_collective() -> None:
+    """rayjob-8gpu.yaml: a learner group of 4 GPUs on one pod, 2 samplers + a TP-2 teacher on the other; the
+    custom resources each pod advertises are exactly what its roles ask for, so no role can take another's GPU."""
+    cfg = workload_config("rayjob-8gpu.yaml")
+    assert cfg.learner.world_size == 4 and cfg.learner.weight_transport == "collective"
+    assert cfg.teacher.vllm.tensor_parallel_size == 2 and cfg.rollout.num_samplers == 2
+    pods = {
+        g["groupName"]: r
+        for g, r in zip(
+            cluster_spec("rayjob-8gpu.yaml")["workerGroupSpecs"], pod_resources("rayjob-8gpu.yaml"), strict=True
+        )
+    }
+    by_pod: dict[str, dict[str, float]] = {}
+    for b in bundles(cfg):
+        (key,) = [k for k in b.resources if k.startswith("vzero_")]
+        (pod,) = [g for g, r in pods.items() if key in r]
+        for k, v in b.resources.items():
+            by_pod.setdefault(pod, {})[k] = by_pod.setdefault(pod, {}).get(k, 0.0) + v
+    assert by_pod["learner"]["GPU"] == pods["learner"]["GPU"] == 4
+    assert by_pod["rollout"]["GPU"] == pods["rollout"]["GPU"] == 4
+    for pod, want in by_pod.items():
+        custom = {k: v for k, v in want.items() if k.startswith("vzero_")}
+        assert custom == {k: v for k, v in pods[pod].items() if k.startswith("vzero_")}, pod
+        assert want["CPU"] <= pods[pod]["CPU"], pod
+    for tmpl in [g["template"] for g in cluster_spec("rayjob-8gpu.yaml")["workerGroupSpecs"]]:
+        env = {e["name"]: e.get("value") for e in ray_container(tmpl)["env"]}
+        assert env.get("NCCL_SOCKET_IFNAME"), "NCCL needs the pod network interface named"
+
+
+def test_the_8_gpu_manifest_runs_the_papers_setup_and_the_qwen2_5_layout_fits_the_same_pods() -> None:
+    """rayjob-8gpu.yaml's entrypoint is the paper config (Qwen3.5-4B / 27B); the Qwen2.5-VL 8-GPU config asks for the
+    same bundles, so a user switching `--config` gets the same placement (no idle or missing GPU)."""
+    path, _ = config_path("rayjob-8gpu.yaml")
+    assert path.name == "vzero-paper-qwen3_5.yaml"
+    other = load_config(REPO / "configs/qwen2_5-vl-3b-32b-8gpu.yaml")
+    check_layout(other, pod_resources("rayjob-8gpu.yaml"))
+    assert requested_resources(other) == requested_resources(workload_config("rayjob-8gpu.yaml"))
+    assert sorted(b.resources.items() for b in bundles(other)) == sorted(
+        b.resources.items() for b in bundles(workload_config("rayjob-8gpu.yaml"))
+    )
+
+
+def test_the_4_gpu_config_pushes_weights_over_the_collective() -> None:
+    cfg = load_config(REPO / "configs/qwen2_5-vl-3b-7b-gpu.yaml")
+    assert cfg.learner.weight_transport == "collective"
+    for name in ("rayjob.yaml", "raycluster.yaml"):
+        for g in cluster_spec(name)["workerGroupSpecs"]:
+            env = {e["name"]: e.get("value") for e in ray_container(g["template"])["env"]}
+            assert env.get("NCCL_SOCKET_IFNAME"), f"{name}: the GPU pod names no NCCL interface"
 
 
 @pytest.mark.parametrize("name", RAY_WORKLOADS)

@@ -49,9 +49,9 @@ def _pixels(prefix: str, arch: str, tokens_per_side: tuple[int, int]) -> list[st
 
 def _teacher_replay(cfg, rows: list[dict], data: Path) -> list[list[float]]:
     """Positive-view log-probs of logged responses from a transformers engine on the teacher's own prompt."""
+    from gating.teacher import teacher_inputs
     from vzero.engines import ScoreRequest
     from vzero.engines.hf import HFEngine
-    from vzero.views import views_for
 
     teacher = cfg.teacher_model
     engine = HFEngine(teacher.path, min_pixels=teacher.min_pixels, max_pixels=teacher.max_pixels)
@@ -59,21 +59,10 @@ def _teacher_replay(cfg, rows: list[dict], data: Path) -> list[list[float]]:
     for raw in pq.read_table(data).to_pylist():
         prompt, _ = validate_row(raw)
         prompts[prompt.uid] = prompt
-    v = cfg.views
     requests = []
     for row in rows:
-        p = prompts[row["uid"]]
-        pos, _, _ = views_for(
-            p,
-            mode=v.negative_mode,
-            margin=v.margin,
-            max_pixels=teacher.max_pixels,
-            factor=v.downsample_factor,
-            seed=v.seed,
-        )
-        requests.append(
-            ScoreRequest(chat_prompt_ids(engine.tokenizer, p.question, teacher.chat), [pos], row["response_ids"])
-        )
+        inputs = teacher_inputs(prompts[row["uid"]], cfg, engine.tokenizer)
+        requests.append(ScoreRequest(inputs.prompt_ids, inputs.pos, row["response_ids"]))
     return [r.logprobs for r in engine.score(requests)]
 
 

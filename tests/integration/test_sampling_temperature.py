@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from actors.sampler import Sampler
-from gating.teacher import Gating
+from gating.teacher import Gating, teacher_inputs
 from learner.learner import Learner
 from tests.conftest import needs_vllm, tiny_config
 from vzero.data.stream import PromptStream
@@ -22,22 +22,22 @@ from vzero.engines.base import banned_token_ids
 from vzero.images import decode_rgb
 from vzero.logprobs import response_logprobs
 from vzero.models.loading import load_model, load_processor
-from vzero.views import views_for
-from vzero.vlm_inputs import ImageEncoder, chat_prompt_ids, collate
+from vzero.vlm_inputs import ImageEncoder, collate
 
 pytestmark = pytest.mark.slow
 TEMPERATURE = 0.7
 
 
 def _raw_logits(cfg, rows) -> list[torch.Tensor]:
-    """[T, V] raw logits at the response positions of each (prompt_ids, image, response_ids), plain transformers."""
+    """[T, V] raw logits at the response positions of each (prompt_ids, image(s), response_ids), plain transformers."""
     proc = load_processor(cfg.student.path)
     model = load_model(cfg.student.path).eval()
     encode = ImageEncoder(proc.image_processor, min_pixels=cfg.student.min_pixels, max_pixels=cfg.student.max_pixels)
     pad = proc.tokenizer.convert_tokens_to_ids("<|image_pad|>")
     out = []
-    for prompt_ids, image, response_ids in rows:
-        batch = collate([(prompt_ids, encode(image), response_ids)], pad_id=0, image_pad_id=pad)
+    for prompt_ids, images, response_ids in rows:
+        encoded = [encode(im) for im in (images if isinstance(images, list) else [images])]
+        batch = collate([(prompt_ids, encoded, response_ids)], pad_id=0, image_pad_id=pad)
         with torch.no_grad():
             out.append(response_logprobs(model, batch, return_logits=True).logits[0, : len(response_ids)])
     return out
@@ -61,6 +61,7 @@ def test_sampler_and_learner_logprobs_are_those_of_the_tempered_distribution(
         f"rollout.temperature={TEMPERATURE}",
         "rollout.n=3",
         "rollout.max_tokens=8",
+        "learner.mini_batches_per_step=1",  # one update on the whole batch: a later mini-batch is off-policy by design
     )
     prompts = PromptStream(cfg.data.path, seed=0).next_batch(2)
     by_uid = {p.uid: p for p in prompts}
@@ -77,22 +78,9 @@ def test_sampler_and_learner_logprobs_are_those_of_the_tempered_distribution(
         gap = max(gap, float(np.abs(_token_lp(lg, t.response_ids) - want).max()))
     assert gap > 1e-2, "the check tells tempered from raw log-probs apart"
 
-    gated, _ = Gating(cfg, 0).gate(trajectories, by_uid)  # the teacher scores at temperature 1, on its crops
-    c = cfg.views
-    crops = {
-        p.uid: views_for(
-            p,
-            mode=c.negative_mode,
-            margin=c.margin,
-            max_pixels=cfg.teacher_model.max_pixels,
-            factor=c.downsample_factor,
-            seed=c.seed,
-        )[0]
-        for p in prompts
-    }
-    teacher = _raw_logits(
-        cfg, [(chat_prompt_ids(tokenizer, by_uid[t.uid].question), crops[t.uid], t.response_ids) for t in gated]
-    )
+    gated, _ = Gating(cfg, 0).gate(trajectories, by_uid)  # the teacher scores at temperature 1, on its views
+    views = {p.uid: teacher_inputs(p, cfg, tokenizer) for p in prompts}
+    teacher = _raw_logits(cfg, [(views[t.uid].prompt_ids, views[t.uid].pos, t.response_ids) for t in gated])
     for t, lg in zip(gated, teacher, strict=True):
         np.testing.assert_allclose(t.lp_pos, _token_lp(lg, t.response_ids), atol=2e-5, rtol=0)
 

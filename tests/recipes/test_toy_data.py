@@ -31,9 +31,10 @@ def test_context_view_keeps_labels_cuts_the_student_image_and_precomputes_teache
         dx, dy = a["evidence_box"][0] - x0, a["evidence_box"][1] - y0
         crop_full = np.asarray(full.crop((int(dx), int(dy), int(dx) + win.width, int(dy) + win.height)))
         assert (np.asarray(win) == crop_full).all(), "the window is a crop of the original image"
-        pos = decode_rgb(b["pos_image"])
+        (pos_bytes,) = b["pos_images"]
+        pos = decode_rgb(pos_bytes)
         assert pos.tobytes() == positive_view(full, tuple(a["evidence_box"]), margin=0.25).tobytes()
-        assert decode_rgb(b["neg_image"]).size == pos.size and b["negative_box"] is None
+        assert decode_rgb(b["neg_images"][0]).size == pos.size and b["negative_box"] is None
     stream = PromptStream(out, seed=0)  # the training path accepts every transformed row
     assert len(stream.next_batch(10)) == 10 and stream.quarantined == 0
 

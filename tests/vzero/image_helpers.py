@@ -43,8 +43,9 @@ def good_row(uid: str = "r0", *, width: int = 64, height: int = 48, **overrides:
         "negative_box": None,
         "answer": "red",
         "source": "test",
-        "pos_image": None,
-        "neg_image": None,
+        "pos_images": None,
+        "neg_images": None,
+        "teacher_prompt": None,
     }
     row.update(overrides)
     return row

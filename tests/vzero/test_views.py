@@ -1,4 +1,5 @@
-"""vzero.views: crop geometry, hard negatives that never overlap, downsampled negatives, budgets, precomputed views."""
+"""vzero.views: crop geometry, hard negatives that never overlap, downsampled negatives, pixel budgets (small crops
+upscaled to min_pixels, the full image kept native inside the budget), precomputed and multiple crops."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from vzero.views import (
     NEGATIVE_MODES,
     PRECOMPUTED,
     downsample_teacher_crop,
+    downsample_view,
     expand_box,
     hard_negative_box,
     hard_negative_crop,
@@ -121,9 +123,9 @@ def test_small_image_falls_back_to_downsample_and_reports_it():
     img = noise_image(40, 40)
     box = (2.0, 2.0, 38.0, 38.0)  # expanded evidence covers the image: no room for an equal-size crop elsewhere
     assert hard_negative_crop(img, box, seed=0, uid="u1") is None
-    pos, neg, mode_used = views_for(prompt_for(img, box), mode=HARD_NEGATIVE)
-    assert mode_used == DOWNSAMPLE
-    assert neg.size == pos.size
+    v = views_for(prompt_for(img, box), mode=HARD_NEGATIVE)
+    assert v.mode_used == DOWNSAMPLE
+    assert v.neg[0].size == v.pos[0].size
 
 
 def test_downsample_negative_has_positive_geometry_but_less_detail():
@@ -143,35 +145,96 @@ def test_views_for_is_deterministic():
     p = prompt_for(img, (10.0, 10.0, 40.0, 40.0))
     a = views_for(p, mode=HARD_NEGATIVE, seed=7)
     b = views_for(p, mode=HARD_NEGATIVE, seed=7)
-    assert a[2] == b[2] == HARD_NEGATIVE
-    np.testing.assert_array_equal(np.asarray(a[1]), np.asarray(b[1]))
+    assert a.mode_used == b.mode_used == HARD_NEGATIVE
+    np.testing.assert_array_equal(np.asarray(a.neg[0]), np.asarray(b.neg[0]))
 
 
 def test_views_for_respects_budget_for_both_views():
     img = noise_image(400, 400)
     for mode in NEGATIVE_MODES:
-        pos, neg, _ = views_for(prompt_for(img, (0.0, 0.0, 150.0, 150.0)), mode=mode, max_pixels=5000)
+        v = views_for(prompt_for(img, (0.0, 0.0, 150.0, 150.0)), mode=mode, max_pixels=5000, full=True)
+        (pos,), (neg,) = v.pos, v.neg
         assert pos.size[0] * pos.size[1] <= 5000 and pos.size == neg.size
+        assert v.full is not None and v.full.size[0] * v.full.size[1] <= 5000
 
 
 def test_views_for_uses_precomputed_views():
     img = noise_image(100, 100)
     pos_img, neg_img = noise_image(30, 20, seed=1), noise_image(30, 20, seed=2)
-    p = prompt_for(img, (0.0, 0.0, 100.0, 100.0), pos_image=encoded(pos_img), neg_image=encoded(neg_img))
-    pos, neg, mode_used = views_for(p, mode=HARD_NEGATIVE)
-    assert mode_used == PRECOMPUTED
-    np.testing.assert_array_equal(np.asarray(pos), np.asarray(pos_img))
-    np.testing.assert_array_equal(np.asarray(neg), np.asarray(neg_img))
+    p = prompt_for(img, (0.0, 0.0, 100.0, 100.0), pos_images=(encoded(pos_img),), neg_images=(encoded(neg_img),))
+    v = views_for(p, mode=HARD_NEGATIVE)
+    assert v.mode_used == PRECOMPUTED and v.full is None  # the full image only when asked for
+    np.testing.assert_array_equal(np.asarray(v.pos[0]), np.asarray(pos_img))
+    np.testing.assert_array_equal(np.asarray(v.neg[0]), np.asarray(neg_img))
 
 
 def test_precomputed_positive_without_negative_downsamples_it():
     pos_img = noise_image(30, 20, seed=1)
-    p = prompt_for(noise_image(100, 100), (0.0, 0.0, 100.0, 100.0), pos_image=encoded(pos_img))
-    pos, neg, mode_used = views_for(p, mode=HARD_NEGATIVE)
-    assert mode_used == DOWNSAMPLE and neg.size == pos.size == (30, 20)
+    p = prompt_for(noise_image(100, 100), (0.0, 0.0, 100.0, 100.0), pos_images=(encoded(pos_img),))
+    v = views_for(p, mode=HARD_NEGATIVE)
+    (pos,), (neg,) = v.pos, v.neg
+    assert v.mode_used == DOWNSAMPLE and neg.size == pos.size == (30, 20)
     np.testing.assert_array_equal(np.asarray(pos), np.asarray(pos_img))
 
 
 def test_unknown_mode_rejected():
     with pytest.raises(ValueError, match="unknown negative mode 'blur'"):
         views_for(prompt_for(noise_image(10, 10), (0.0, 0.0, 5.0, 5.0)), mode="blur")
+
+
+def _detail(img: Image.Image) -> float:
+    """High-frequency energy: mean absolute difference of horizontal neighbours."""
+    return float(np.abs(np.diff(np.asarray(img, dtype=np.float64), axis=1)).mean())
+
+
+def test_small_crop_is_upscaled_to_min_pixels_and_the_full_image_stays_native():
+    img = noise_image(200, 150)
+    box = (20.0, 30.0, 44.0, 46.0)  # 24 x 16 evidence: far below the teacher's minimum
+    v = views_for(
+        prompt_for(img, box), mode=HARD_NEGATIVE, margin=0.0, min_pixels=64 * 64, max_pixels=300 * 300, full=True
+    )
+    (pos,), (neg,) = v.pos, v.neg
+    assert pos.size[0] * pos.size[1] >= 64 * 64 and pos.size == (79, 53)  # x sqrt(4096 / 384), aspect 3:2 kept
+    assert v.mode_used == HARD_NEGATIVE and neg.size == pos.size  # presented exactly like the positive
+    np.testing.assert_array_equal(np.asarray(v.full), np.asarray(img))  # inside the budget: native size and pixels
+    assert v.pos[0].size == positive_view(img, box, margin=0.0, min_pixels=64 * 64, max_pixels=300 * 300).size
+
+
+def test_full_image_above_the_budget_is_downscaled_into_it():
+    v = views_for(
+        prompt_for(noise_image(400, 300), (10.0, 10.0, 30.0, 30.0)), mode=DOWNSAMPLE, max_pixels=30_000, full=True
+    )
+    assert v.full.size == (200, 150)
+
+
+def test_downsampled_negative_destroys_detail_before_the_zoom():
+    """Upscaling first and then downsampling by 2 would keep every original pixel's detail: the negative would be
+    (nearly) the positive. The negative is the capped crop degraded, then shown at the positive's size."""
+    img = noise_image(120, 120)
+    box = (10.0, 10.0, 40.0, 40.0)
+    v = views_for(prompt_for(img, box), mode=DOWNSAMPLE, margin=0.0, min_pixels=120 * 120, max_pixels=10**6)
+    (pos,), (neg,) = v.pos, v.neg
+    assert pos.size == neg.size == (120, 120)
+    native = img.crop((10, 10, 40, 40))
+    np.testing.assert_array_equal(np.asarray(neg), np.asarray(downsample_view(native, 2.0, pos.size)))
+    too_late = downsample_view(pos, 2.0)  # the wrong order, for contrast
+    assert _detail(neg) < 0.6 * _detail(too_late)
+
+
+def test_several_crops_keep_their_order_and_get_one_negative_each():
+    crops = [noise_image(30, 20, seed=s) for s in (1, 2, 3)]
+    negs = [noise_image(30, 20, seed=s) for s in (4, 5, 6)]
+    full = noise_image(100, 100)
+    p = prompt_for(full, (0.0, 0.0, 100.0, 100.0), pos_images=tuple(encoded(c) for c in crops))
+    v = views_for(p, mode=HARD_NEGATIVE, min_pixels=40 * 40)
+    assert v.mode_used == DOWNSAMPLE and len(v.pos) == len(v.neg) == 3  # no box for a hard negative of each
+    for crop, pos, neg in zip(crops, v.pos, v.neg, strict=True):
+        assert pos.size == neg.size == (49, 33)  # each upscaled to >= 1600 px on its own
+        np.testing.assert_array_equal(
+            np.asarray(pos), np.asarray(resize_to_budget(crop, max_pixels=10**6, min_pixels=1600))
+        )
+    given = Prompt(**{**p.__dict__, "neg_images": tuple(encoded(n) for n in negs)})
+    w = views_for(given, mode=HARD_NEGATIVE)
+    assert w.mode_used == PRECOMPUTED
+    for neg, want in zip(w.neg, negs, strict=True):
+        np.testing.assert_array_equal(np.asarray(neg), np.asarray(want))

@@ -2,9 +2,10 @@
 
     vzero data synth --out X.parquet --n N --seed S [--image-size 336]
     vzero data check X.parquet [--quarantine Q.parquet] [--max-pixels N]
-    vzero data import-vzero --out X.parquet [--quarantine Q.parquet] SRC.parquet [SRC2 ...]
+    vzero data import-vzero --out X.parquet [--quarantine Q.parquet] [--data-root DIR] SRC.parquet [SRC2 ...]
 
-`check` and `import-vzero` print one JSON line `{"rows", "ok", "quarantined", "reasons"}` to stdout; bad rows are
+`check` and `import-vzero` print one JSON line `{"rows", "ok", "quarantined", "reasons"}` to stdout (`import-vzero`
+adds `notes`: what was done to imported rows, e.g. images resized to their own pixel budget); bad rows are
 counted (and written to the quarantine file when one is given) but are not an error. Exit status 2, with a message
 on stderr naming the problem, only when a file itself is unusable (not Parquet, a required column missing).
 
@@ -64,6 +65,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         help="rows that cannot be converted (default: <out>.quarantine.parquet)",
     )
     imp.add_argument("--max-pixels", type=_positive_int, default=DEFAULT_MAX_PIXELS, help="largest w*h accepted")
+    imp.add_argument(
+        "--data-root",
+        type=Path,
+        default=None,
+        help="relative image paths start here and no image path may leave it (default: each source file's folder)",
+    )
     imp.add_argument("sources", nargs="+", type=Path, help="source Parquet file(s)")
     imp.set_defaults(func=_import)
 
@@ -138,7 +145,9 @@ def _check(args: argparse.Namespace) -> int:
 def _import(args: argparse.Namespace) -> int:
     quarantine = args.quarantine or args.out.with_name(args.out.stem + ".quarantine.parquet")
     try:
-        report = import_vzero(args.sources, args.out, quarantine=quarantine, max_pixels=args.max_pixels)
+        report = import_vzero(
+            args.sources, args.out, quarantine=quarantine, max_pixels=args.max_pixels, data_root=args.data_root
+        )
     except S.DataFileError as e:
         print(f"vzero data import-vzero: {e}", file=sys.stderr)
         return EXIT_UNUSABLE_FILE

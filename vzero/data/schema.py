@@ -2,17 +2,19 @@
 
 One row = one training prompt:
 
-| column         | type          | required | meaning                                                          |
-|----------------|---------------|----------|------------------------------------------------------------------|
-| `id`           | string        | yes      | unique row id; becomes `Prompt.uid` (the trajectory group id)    |
-| `image`        | binary        | yes      | encoded PNG / JPEG / WebP full image (the student's view)        |
-| `question`     | string        | yes      | the question about the image                                     |
-| `evidence_box` | list<double>  | yes      | x0, y0, x1, y1 in image pixels: the question-relevant region     |
-| `negative_box` | list<double>  | no       | a user-chosen irrelevant region of the same size                 |
-| `answer`       | string        | no       | EVALUATION ONLY: the training path never reads it                |
-| `source`       | string        | no       | dataset / task family                                            |
-| `pos_image`    | binary        | no       | precomputed positive view (imported datasets)                    |
-| `neg_image`    | binary        | no       | precomputed negative view (imported datasets)                    |
+| column           | type          | required | meaning                                                            |
+|------------------|---------------|----------|--------------------------------------------------------------------|
+| `id`             | string        | yes      | unique row id; becomes `Prompt.uid` (the trajectory group id)      |
+| `image`          | binary        | yes      | encoded PNG / JPEG / WebP full image (the student's view)          |
+| `question`       | string        | yes      | the question about the image                                       |
+| `evidence_box`   | list<double>  | yes      | x0, y0, x1, y1 in image pixels: the question-relevant region       |
+| `negative_box`   | list<double>  | no       | a user-chosen irrelevant region of the same size                   |
+| `answer`         | string        | no       | EVALUATION ONLY: the training path never reads it                  |
+| `source`         | string        | no       | dataset / task family                                              |
+| `pos_images`     | list<binary>  | no       | precomputed evidence crops, in `<crop>` order (imported datasets)  |
+| `neg_images`     | list<binary>  | no       | precomputed negatives, one per crop (imported datasets)            |
+| `teacher_prompt` | string        | no       | the teacher's user turn: `<image>` = the full image, `<crop>` = the |
+|                  |               |          | next crop (vzero.teacher_prompt); unset = `teacher.prompt_template` |
 
 `TRAIN_COLUMNS` is everything but `answer`; readers on the training path project onto it, so the `answer` column chunks
 are never fetched or decoded. Knows nothing about images or validation rules beyond the column list.
@@ -36,8 +38,10 @@ EVIDENCE_BOX = "evidence_box"
 NEGATIVE_BOX = "negative_box"
 ANSWER = "answer"
 SOURCE = "source"
-POS_IMAGE = "pos_image"
-NEG_IMAGE = "neg_image"
+POS_IMAGES = "pos_images"
+NEG_IMAGES = "neg_images"
+TEACHER_PROMPT = "teacher_prompt"
+RENAMED = {"pos_image": POS_IMAGES, "neg_image": NEG_IMAGES}  # single-view columns before #12 (lists since)
 
 SCHEMA = pa.schema(
     [
@@ -48,8 +52,9 @@ SCHEMA = pa.schema(
         pa.field(NEGATIVE_BOX, pa.list_(pa.float64())),
         pa.field(ANSWER, pa.string()),
         pa.field(SOURCE, pa.string()),
-        pa.field(POS_IMAGE, pa.binary()),
-        pa.field(NEG_IMAGE, pa.binary()),
+        pa.field(POS_IMAGES, pa.list_(pa.binary())),
+        pa.field(NEG_IMAGES, pa.list_(pa.binary())),
+        pa.field(TEACHER_PROMPT, pa.string()),
     ]
 )
 ALL_COLUMNS: tuple[str, ...] = tuple(SCHEMA.names)
@@ -66,7 +71,8 @@ class DataFileError(ValueError):
 def open_dataset(path: str | os.PathLike[str], **kwargs: Any) -> pq.ParquetFile:
     """Open a dataset file and check that every required column exists; `kwargs` go to `pq.ParquetFile`.
 
-    Raises `DataFileError` naming the path and the problem, with the original exception chained.
+    Raises `DataFileError` naming the path and the problem, with the original exception chained; also for the
+    single-view columns of older imports (`pos_image`, `neg_image`), which the reader would otherwise not see.
     """
     try:
         pf = pq.ParquetFile(path, **kwargs)
@@ -77,6 +83,12 @@ def open_dataset(path: str | os.PathLike[str], **kwargs: Any) -> pq.ParquetFile:
         raise DataFileError(
             f"{path}: required column(s) {missing} missing "
             f"(file has {pf.schema_arrow.names}; required {list(REQUIRED_COLUMNS)})"
+        )
+    old = {c: new for c, new in RENAMED.items() if c in pf.schema_arrow.names}
+    if old:
+        raise DataFileError(
+            f"{path}: column(s) {sorted(old)} were replaced by {sorted(old.values())} (lists: a row may hold several "
+            "crops); re-run `vzero data import-vzero` on the source files"
         )
     return pf
 

@@ -11,12 +11,17 @@ Reason codes (the only place they are defined; quarantine files and `vzero data 
 | `box_wrong_length:<f>`            | box `<f>` does not have exactly 4 numbers                                 |
 | `box_not_finite:<f>`              | box `<f>` has a NaN / inf coordinate                                      |
 | `box_empty:<f>`                   | box `<f>` has zero or negative area (x1 <= x0 or y1 <= y0)                |
+| `teacher_prompt_no_crop`          | `teacher_prompt` holds no `<crop>` marker (the teacher would see no crop) |
+| `teacher_prompt_images`           | `teacher_prompt` holds more than one `<image>` (a row has one full image) |
+| `crop_count:pos_images`           | `pos_images` does not hold one crop per `<crop>` of `teacher_prompt` (one |
+|                                   | without a template); empty = the box's crop, so only for one `<crop>`     |
+| `crop_count:neg_images`           | `neg_images` is neither empty nor one negative per crop                   |
 | `box_outside_image:<f>`           | a coordinate of box `<f>` lies outside [0, W] x [0, H]                    |
 | `negative_box_overlaps_evidence`  | the negative box intersects the evidence box with positive area          |
 | `image_undecodable`               | image bytes unreadable, corrupt or truncated (full decode forced)         |
 | `image_unsupported_format`        | decodable but not PNG / JPEG / WebP (e.g. BMP, GIF, TIFF)                 |
 | `image_too_large`                 | width * height > max_pixels (checked from the header, before decoding)    |
-| `image_*:pos_image`, `…:neg_image`| the same three image checks for a precomputed view                        |
+| `image_*:pos_images`, `…:neg_images`| the same three image checks for each precomputed crop                  |
 | `duplicate_id`                    | id already seen in this file (decided by the caller, see `check_duplicate`)|
 
 Checks run in the order of that table (cheap field checks first, pixel decoding last); the first failure is reported.
@@ -36,6 +41,7 @@ from PIL import Image
 from vzero.data import schema as S
 from vzero.images import SUPPORTED_FORMATS, decode_rgb, encode_png, probe
 from vzero.records import Box, Prompt
+from vzero.teacher_prompt import count_markers
 
 DEFAULT_MAX_PIXELS = 40_000_000  # ~6300 x 6300: above any benchmark image we target, far below RAM trouble
 
@@ -46,6 +52,12 @@ NEGATIVE_OVERLAPS = "negative_box_overlaps_evidence"
 IMAGE_UNDECODABLE = "image_undecodable"
 IMAGE_UNSUPPORTED = "image_unsupported_format"
 IMAGE_TOO_LARGE = "image_too_large"
+TEACHER_PROMPT_NO_CROP = "teacher_prompt_no_crop"
+TEACHER_PROMPT_IMAGES = "teacher_prompt_images"
+
+
+def crop_count(field: str) -> str:
+    return f"crop_count:{field}"
 
 
 def missing_field(field: str) -> str:
@@ -97,6 +109,11 @@ def _validate(row: Mapping[str, Any], max_pixels: int) -> Prompt:
     source = row.get(S.SOURCE)
     if source is not None and not isinstance(source, str):
         raise RowError(wrong_type(S.SOURCE))
+    template = row.get(S.TEACHER_PROMPT)
+    if template is not None and not isinstance(template, str):
+        raise RowError(wrong_type(S.TEACHER_PROMPT))
+    crops = {field: _bytes_list(row, field) for field in (S.POS_IMAGES, S.NEG_IMAGES)}
+    _check_crop_counts(template, len(crops[S.POS_IMAGES]), len(crops[S.NEG_IMAGES]))
 
     image = _bytes(row, S.IMAGE, required=True)
     assert image is not None
@@ -110,13 +127,10 @@ def _validate(row: Mapping[str, Any], max_pixels: int) -> Prompt:
         raise RowError(NEGATIVE_OVERLAPS)
     image = _decoded_rgb_bytes(image, suffix="")
 
-    views = {}
-    for field in (S.POS_IMAGE, S.NEG_IMAGE):
-        data = _bytes(row, field, required=False)
-        if data is not None:
+    for field, items in crops.items():
+        for data in items:
             _check_header(data, max_pixels, suffix=f":{field}")
-            data = _decoded_rgb_bytes(data, suffix=f":{field}")
-        views[field] = data
+        crops[field] = [_decoded_rgb_bytes(data, suffix=f":{field}") for data in items]
 
     return Prompt(
         uid=uid,
@@ -124,8 +138,9 @@ def _validate(row: Mapping[str, Any], max_pixels: int) -> Prompt:
         question=question,
         evidence_box=evidence,
         negative_box=negative,
-        pos_image=views[S.POS_IMAGE],
-        neg_image=views[S.NEG_IMAGE],
+        pos_images=tuple(crops[S.POS_IMAGES]),
+        neg_images=tuple(crops[S.NEG_IMAGES]),
+        teacher_prompt=template,
         source=source,
     )
 
@@ -153,6 +168,33 @@ def _bytes(row: Mapping[str, Any], field: str, *, required: bool) -> bytes | Non
     if not isinstance(value, bytes | bytearray | memoryview):
         raise RowError(wrong_type(field))
     return bytes(value)
+
+
+def _bytes_list(row: Mapping[str, Any], field: str) -> list[bytes]:
+    """A list<binary> field as a list of bytes ([] for null or empty)."""
+    value = row.get(field)
+    if value is None:
+        return []
+    if isinstance(value, np.ndarray):
+        value = value.tolist()
+    if not isinstance(value, list | tuple) or not all(isinstance(v, bytes | bytearray | memoryview) for v in value):
+        raise RowError(wrong_type(field))
+    return [bytes(v) for v in value]
+
+
+def _check_crop_counts(template: str | None, num_pos: int, num_neg: int) -> None:
+    """One crop per `<crop>` of the row's template (one without a template); negatives: none or one per crop."""
+    crops = 1
+    if template is not None:
+        images, crops = count_markers(template)
+        if crops == 0:
+            raise RowError(TEACHER_PROMPT_NO_CROP)
+        if images > 1:
+            raise RowError(TEACHER_PROMPT_IMAGES)
+    if num_pos not in (0, crops) or (num_pos == 0 and crops != 1):  # no crops: the box's crop, which is one
+        raise RowError(crop_count(S.POS_IMAGES))
+    if num_neg not in (0, crops):
+        raise RowError(crop_count(S.NEG_IMAGES))
 
 
 def _box(row: Mapping[str, Any], field: str, *, required: bool) -> Box | None:

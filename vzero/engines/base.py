@@ -1,6 +1,7 @@
 """The one narrow interface every rollout / scoring engine implements (vLLM where installed, transformers fallback).
 
-Samplers call `generate`, the gating actor calls `score`, both receive new weights through `load_weights`. Requests
+Samplers call `generate`, the gating actor calls `score`, both receive new weights through `load_weights` (or, for
+the collective transport, `join_weight_group` once and `receive_weights` per push). Requests
 carry prompt ids with ONE image pad per image plus the PIL images in pad order (e.g. [full image, crop] for a teacher
 that sees both); engines do their own image expansion and refuse a request whose pad count differs from its image
 count. Log-probs are raw (log_softmax of the logits at temperature 1), the same quantity on every engine, except the
@@ -16,9 +17,14 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from PIL import Image
+
+if TYPE_CHECKING:
+    from vzero.weight_group import GroupSpec
+    from vzero.weights import BucketPlan
 
 
 def _image_list(images: Image.Image | Sequence[Image.Image]) -> list[Image.Image]:
@@ -113,6 +119,18 @@ class Engine(ABC):
     @abstractmethod
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> int:
         """Load HF-named tensors in place; returns the number of tensors loaded. Caches are reset afterwards."""
+
+    workers: int = 1  # processes holding the model (a tensor-parallel vLLM engine: tp); each joins a weight group
+
+    def join_weight_group(self, spec: GroupSpec, rank_offset: int) -> None:
+        """Join a collective weight group (vzero/weight_group.py) with every worker, worker w at rank
+        `rank_offset + w`; blocks until the sender joined too."""
+        raise NotImplementedError(f"the {self.name} engine cannot receive collective weight pushes")
+
+    def receive_weights(self, plan: list[BucketPlan], version: int, *, load: bool = True) -> int:
+        """Receive one collective push on every worker and load it in place (`load=False`: take part, discard);
+        caches are reset afterwards. Returns the number of tensors received."""
+        raise NotImplementedError(f"the {self.name} engine cannot receive collective weight pushes")
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release the engine's resources."""

@@ -158,3 +158,19 @@ class HFEngine(Engine):
             params[name].copy_(tensor.to(params[name].device, params[name].dtype))
             n += 1
         return n
+
+    def join_weight_group(self, spec, rank_offset: int) -> None:
+        from vzero.weight_group import WeightGroup
+
+        if getattr(self, "_group", None) is not None:
+            self._group.close()
+        self._group = None
+        self._group = WeightGroup(spec, rank_offset, self.device)
+
+    def receive_weights(self, plan, version: int, *, load: bool = True) -> int:
+        from vzero.weight_group import receive_buckets
+
+        if getattr(self, "_group", None) is None:
+            raise RuntimeError("this transformers engine is in no weight group: the driver must rebuild it")
+        weights = receive_buckets(self._group, plan, version)
+        return self.load_weights(weights) if load else sum(1 for _ in weights)

@@ -169,8 +169,9 @@ class VLLMEngine(Engine):
             kwargs.update(_cpu_scheduling(options, prefix_caching=family.vllm_cpu_prefix_caching))
         # Teacher replays read the prefix cache on CPU (`_replay_sharing_prompts`) when the engine has one.
         self.shared_replays = device == "cpu" and family.vllm_cpu_prefix_caching
-        if options.tensor_parallel_size == 1:
-            kwargs["distributed_executor_backend"] = "uni"
+        # Explicit: inside a placement group (where a TP engine's actor lives, vzero/placement.py) vLLM would pick
+        # "ray". A TP engine spans the actor's tp GPUs on its node with worker processes ("mp").
+        kwargs["distributed_executor_backend"] = "uni" if options.tensor_parallel_size == 1 else "mp"
         if worker_extension:
             kwargs["worker_extension_cls"] = worker_extension
         if processed_logprobs:  # engine-wide in vLLM; prompt_logprobs (scoring) stay raw either way
@@ -178,6 +179,7 @@ class VLLMEngine(Engine):
         if device == "cpu":
             logging.getLogger("vllm.v1.worker.cpu_worker").addFilter(_NoThreadCountWarnings())
         self.llm = LLM(**kwargs)
+        self.workers = options.tensor_parallel_size
         self.tokenizer = self.llm.get_tokenizer()
         self.image_pad_id = self.tokenizer.convert_tokens_to_ids(IMAGE_PAD)
         banned = banned_token_ids(self.tokenizer, self.llm.llm_engine.model_config.get_vocab_size())
@@ -312,6 +314,16 @@ class VLLMEngine(Engine):
             return self.llm.collective_rpc("vzero_load_weights_from_file", args=(name,))
         finally:
             os.unlink(name)
+
+    def join_weight_group(self, spec, rank_offset: int) -> None:
+        # Every worker joins (a TP engine: all tp of them, concurrently); plain dicts survive a spawned engine core.
+        self.llm.collective_rpc("vzero_join_weight_group", args=(spec.to_wire(), rank_offset))
+
+    def receive_weights(self, plan, version: int, *, load: bool = True) -> int:
+        counts = self.llm.collective_rpc("vzero_receive_weights", args=([b.to_wire() for b in plan], version, load))
+        if load:
+            self.reset_caches()
+        return int(counts[0])
 
     def reset_caches(self) -> None:
         self.llm.reset_prefix_cache()

@@ -10,7 +10,7 @@ Contract of `evaluate(model_dir, data_path, views=..., engine=...)`:
   dropped; accuracy is over the rows that were evaluated (`evaluated = rows - invalid`).
 - the prompt is the training chat prompt (`chat_prompt_ids`, with the model's template options `chat`: no system
   turn and thinking off by default, as the authors train) with ONE image: the full image (`views="full"`, what the
-  student sees) or the evidence crop (`views="crop"`: the positive view the teacher sees: `pos_image` when the row
+  student sees) or the evidence crop (`views="crop"`: the positive view the teacher sees: `pos_images[0]` when the row
   carries one, else `positive_view(image, evidence_box, margin)`), at the given pixel budget (default: the model
   directory's own processor budget).
 - decoding is greedy (temperature 0, n = 1) through the project's engines (`auto` = vLLM where installed).
@@ -160,8 +160,8 @@ def eval_image(prompt: Prompt, views: ViewKind, *, margin: float, max_pixels: in
         return decode_rgb(prompt.image)
     if views != "crop":
         raise ValueError(f"views must be 'full' or 'crop', got {views!r}")
-    if prompt.pos_image is not None:
-        return resize_to_budget(decode_rgb(prompt.pos_image), max_pixels=max_pixels)
+    if prompt.pos_images:  # precomputed crops (imported rows): the first, as the only one a one-image prompt shows
+        return resize_to_budget(decode_rgb(prompt.pos_images[0]), max_pixels=max_pixels)
     return positive_view(decode_rgb(prompt.image), prompt.evidence_box, margin=margin, max_pixels=max_pixels)
 
 

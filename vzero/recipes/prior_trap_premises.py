@@ -63,10 +63,10 @@ class AnswerTable:
 def _view_image(prompt: Any, view: View, max_pixels: int):
     if view == "full":
         return decode_rgb(prompt.image)
-    data = prompt.pos_image if view == "crop" else prompt.neg_image
-    if data is None:
-        raise ValueError(f"row {prompt.uid}: no precomputed {'pos_image' if view == 'crop' else 'neg_image'}")
-    return resize_to_budget(decode_rgb(data), max_pixels=max_pixels)
+    images = prompt.pos_images if view == "crop" else prompt.neg_images  # the recipe's rows carry one crop each
+    if not images:
+        raise ValueError(f"row {prompt.uid}: no precomputed {'pos_images' if view == 'crop' else 'neg_images'}")
+    return resize_to_budget(decode_rgb(images[0]), max_pixels=max_pixels)
 
 
 @torch.no_grad()

@@ -3,8 +3,8 @@
 `run_toy(out, plan, work)` does, with every number taken from `ToyPlan`:
 1. data     `write_synth` train (seed 1) and held-out eval (seed 2) files. With `context > 0` each row's STUDENT image
             is then cut to a square window `context` x the target's side around the target (target at a random,
-            per-row position), and the teacher's two views are precomputed from the ORIGINAL image: `pos_image` =
-            the evidence crop, `neg_image` = an equal-size crop of an irrelevant region (`hard_negative_crop`). The
+            per-row position), and the teacher's two views are precomputed from the ORIGINAL image: `pos_images` =
+            the evidence crop, `neg_images` = an equal-size crop of an irrelevant region (`hard_negative_crop`). The
             question, answer and source columns are carried over as Arrow columns, never read here.
             Why a window: measured on the 2-core CPU machine, a tiny (0.7 M) student trained WITH labels on whole
             224 px or 112 px synth images stays at chance after 800 steps (it cannot learn to find a 4-6 % target
@@ -149,8 +149,8 @@ def write_context_view(raw: Path, out: Path, *, context: float, margin: float, s
         S.IMAGE: pa.array(images, pa.binary()),
         S.EVIDENCE_BOX: pa.array(boxes, pa.list_(pa.float64())),
         S.NEGATIVE_BOX: pa.nulls(len(cols), pa.list_(pa.float64())),
-        S.POS_IMAGE: pa.array(pos, pa.binary()),
-        S.NEG_IMAGE: pa.array(neg, pa.binary()),
+        S.POS_IMAGES: pa.array([[b] for b in pos], pa.list_(pa.binary())),
+        S.NEG_IMAGES: pa.array([[b] for b in neg], pa.list_(pa.binary())),
     }
     for name, column in replaced.items():
         table = table.set_column(table.schema.get_field_index(name), name, column)

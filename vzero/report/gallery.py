@@ -2,7 +2,8 @@
 
 Prompts are looked up by id in the run's data file (training columns only: `answer` is never read) and validated with
 the stream's `validate_row`; the views are rebuilt with `vzero.views.views_for` exactly as the gating actor builds
-them (negative mode, margin, the teacher's pixel budget, downsample factor, view seed from the run's config). Tokens
+them (negative mode, margin, the teacher's pixel budget, downsample factor, view seed from the run's config; the
+first crop of a row with several). Tokens
 are decoded one by one with the student's tokenizer (tokenizer.json from the run's checkpoint, else student.path);
 each keeps Δ = lp_pos - lp_neg and, at gate level token, its own weight. Knows nothing about HTML.
 """
@@ -203,14 +204,18 @@ def _item(
         item.notes.append(f"no images: {reason}")
         return item
     item.question, item.source = prompt.question, prompt.source
-    pos, neg, used = views_for(
+    views = views_for(
         prompt,
         mode=str(run.setting("views.negative_mode")),
         margin=float(run.setting("views.margin")),
+        min_pixels=int(run.teacher_setting("min_pixels")),
         max_pixels=int(run.teacher_setting("max_pixels")),
         factor=float(run.setting("views.downsample_factor")),
         seed=int(run.setting("views.seed")),
     )
+    pos, neg, used = views.pos[0], views.neg[0], views.mode_used
+    if len(views.pos) > 1:
+        item.notes.append(f"{len(views.pos)} evidence crops; the first and its negative are shown")
     if used != mode:
         item.notes.append(f"views rebuilt with negative mode {used!r}, but the run recorded {mode!r}")
     full, item.boxes = _annotated(decode_rgb(prompt.image), prompt, used, run)
@@ -253,9 +258,9 @@ def _annotated(full: Image.Image, prompt: Prompt, mode_used: str, run: RunData) 
     draw = ImageDraw.Draw(img)
     width = max(2, round(max(img.size) / 150))
     margin = float(run.setting("views.margin"))
-    pos_box = prompt.evidence_box if prompt.pos_image is not None else expand_box(prompt.evidence_box, margin, img.size)
+    pos_box = prompt.evidence_box if prompt.pos_images else expand_box(prompt.evidence_box, margin, img.size)
     draw.rectangle(pos_box, outline=EVIDENCE_COLOUR, width=width)
-    caption = "green: the evidence box" if prompt.pos_image is not None else "green: the positive view's region"
+    caption = "green: the evidence box" if prompt.pos_images else "green: the positive view's region"
     neg_box = None
     if mode_used == HARD_NEGATIVE:
         neg_box = (

@@ -83,6 +83,11 @@ def test_check_unusable_files_exit_2_with_a_named_problem(tmp_path, capsys):
     rc, _, err = run(capsys, "check", str(tmp_path / "absent.parquet"))
     assert rc == 2 and "absent.parquet" in err
 
+    # a single-view column of an import made before #12 would be invisible to the reader: refused, with the fix
+    old = pa.schema([*loose_schema(), pa.field("pos_image", pa.binary())])
+    rc, _, err = run(capsys, "check", str(write_rows(tmp_path / "old.parquet", [good_row("a")], schema=old)))
+    assert rc == 2 and "['pos_image'] were replaced by ['pos_images']" in err and "import-vzero" in err
+
 
 def test_import_vzero_command_writes_default_quarantine(tmp_path, capsys):
     schema = pa.schema([("prompt", pa.string()), ("images", pa.list_(pa.binary()))])

@@ -1,7 +1,13 @@
-"""vzero.data.import_vzero: the authors' verl-style rows become ours; unconvertible rows are quarantined, never lost."""
+"""vzero.data.import_vzero: the authors' verl-style rows become ours; unconvertible rows are quarantined, never lost.
+
+The central test builds a Parquet file in exactly the authors' column layout (`prompt`, `images`, `teacher_raw_prompt`,
+`teacher_images`, `teacher_neg_raw_prompt`, `teacher_neg_images`, `reward_model`, `extra_info`) holding every image
+form (bytes, path, `file:` / `file://`, base64, `{"image": ...}` with its own pixel budget), a row with three crops, a
+remote URL, a path and a symlink that leave the data root, and crop counts that do not match the markers."""
 
 from __future__ import annotations
 
+import base64
 import json
 
 import numpy as np
@@ -10,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.vzero.image_helpers import encoded, noise_image
-from vzero.data.import_vzero import ConversionError, import_vzero, question_from_prompt
+from vzero.data.import_vzero import ConversionError, import_vzero, question_from_prompt, template_from_prompt
 from vzero.data.schema import DataFileError
 from vzero.data.stream import PromptStream
 from vzero.images import decode_rgb
@@ -86,6 +92,7 @@ def test_chat_schema_rows_convert_and_bad_ones_are_quarantined(tmp_path):
         "rows": 10,
         "ok": 4,
         "quarantined": 6,
+        "notes": {"system_turn_dropped": 4},
         "reasons": {
             "import_no_image:images": 1,
             "import_multiple_images:images": 1,
@@ -100,9 +107,14 @@ def test_chat_schema_rows_convert_and_bad_ones_are_quarantined(tmp_path):
     first = table[0]
     assert first["question"] == "What color is the cup?"
     assert first["evidence_box"] == [0.0, 0.0, 40.0, 30.0]
-    assert (first["image"], first["pos_image"], first["neg_image"]) == (IMG, POS, NEG)
-    assert (first["answer"], first["source"], first["negative_box"]) == ("red", "vstar", None)
-    assert table[1]["neg_image"] is None
+    assert (first["image"], first["pos_images"], first["neg_images"]) == (IMG, [POS], [NEG])
+    assert (first["answer"], first["source"], first["negative_box"], first["teacher_prompt"]) == (
+        "red",
+        "vstar",
+        None,
+        None,
+    )
+    assert table[1]["neg_images"] is None
     assert table[2]["image"] == IMG  # read from imgs/a.png
     assert table[3]["answer"] is None
 
@@ -117,10 +129,10 @@ def test_imported_file_streams_with_precomputed_views(tmp_path):
     out = tmp_path / "out.parquet"
     import_vzero([src], out, quarantine=tmp_path / "q.parquet")
     prompt = PromptStream(out, seed=0).next_batch(1)[0]
-    pos, neg, mode_used = views_for(prompt, mode="hard_negative_crop")
-    assert mode_used == PRECOMPUTED
-    np.testing.assert_array_equal(np.asarray(pos), np.asarray(decode_rgb(POS)))
-    np.testing.assert_array_equal(np.asarray(neg), np.asarray(decode_rgb(NEG)))
+    v = views_for(prompt, mode="hard_negative_crop")
+    assert v.mode_used == PRECOMPUTED
+    np.testing.assert_array_equal(np.asarray(v.pos[0]), np.asarray(decode_rgb(POS)))
+    np.testing.assert_array_equal(np.asarray(v.neg[0]), np.asarray(decode_rgb(NEG)))
 
 
 def test_string_prompts_binary_images_and_content_parts(tmp_path):
@@ -160,7 +172,7 @@ def test_string_prompts_binary_images_and_content_parts(tmp_path):
     rows_a = pq.read_table(out_a).to_pylist()
     assert [r["question"] for r in rows_a] == ["Which digit is shown?", "How many cats?"]
     assert [r["id"] for r in rows_a] == ["flat-0", "flat-1"]
-    assert rows_a[0]["pos_image"] == POS and rows_a[1]["pos_image"] is None
+    assert rows_a[0]["pos_images"] == [POS] and rows_a[1]["pos_images"] is None
     assert rows_a[0]["source"] == "flat"
     assert pq.read_table(out_b).column("question").to_pylist() == ["Where is it?"]
 
@@ -210,3 +222,168 @@ def test_question_from_prompt(prompt, question):
 def test_question_from_bad_prompt(prompt, reason):
     with pytest.raises(ConversionError, match=reason):
         question_from_prompt(prompt)
+
+
+# -- the authors' exact column layout --------------------------------------------------------------------------------
+MESSAGES = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
+IMAGE_ENTRIES = pa.list_(
+    pa.struct(
+        [
+            ("bytes", pa.binary()),
+            ("path", pa.string()),
+            ("image", pa.string()),
+            ("min_pixels", pa.int64()),
+            ("max_pixels", pa.int64()),
+        ]
+    )
+)
+AUTHORS_SCHEMA = pa.schema(
+    [
+        ("prompt", MESSAGES),
+        ("images", IMAGE_ENTRIES),
+        ("teacher_raw_prompt", MESSAGES),
+        ("teacher_images", IMAGE_ENTRIES),
+        ("teacher_neg_raw_prompt", MESSAGES),
+        ("teacher_neg_images", IMAGE_ENTRIES),
+        ("reward_model", pa.struct([("ground_truth", pa.string()), ("style", pa.string())])),
+        ("extra_info", pa.struct([("index", pa.int64()), ("split", pa.string())])),
+    ]
+)
+TEACHER = "<image>\nThe evidence, zoomed in: <crop>\nWhat color is the cup?"
+CROPS = [encoded(noise_image(20, 16, seed=s)) for s in range(10, 13)]
+NEGS = [encoded(noise_image(20, 16, seed=s)) for s in range(20, 23)]
+
+
+def entry(data=None, *, path=None, image=None, min_pixels=None, max_pixels=None):
+    return {"bytes": data, "path": path, "image": image, "min_pixels": min_pixels, "max_pixels": max_pixels}
+
+
+def user(text):
+    return [{"role": "user", "content": text}]
+
+
+def authors_row(index, *, teacher=TEACHER, images=None, crops=None, negs=None, neg_prompt=None):
+    return {
+        "prompt": user("<image>\nWhat color is the cup?"),
+        "images": images if images is not None else [entry(IMG)],
+        "teacher_raw_prompt": user(teacher) if isinstance(teacher, str) else teacher,
+        "teacher_images": crops if crops is not None else [entry(POS)],
+        "teacher_neg_raw_prompt": neg_prompt if neg_prompt is not None else user(teacher),
+        "teacher_neg_images": negs if negs is not None else [entry(NEG)],
+        "reward_model": {"ground_truth": "red", "style": "rule"},
+        "extra_info": {"index": index, "split": "train"},
+    }
+
+
+def test_authors_layout_keeps_templates_every_crop_and_image_form_and_refuses_what_it_cannot_keep(tmp_path):
+    root = tmp_path / "data"
+    (root / "imgs").mkdir(parents=True)
+    (root / "imgs" / "full.png").write_bytes(IMG)
+    (root / "imgs" / "crop.png").write_bytes(POS)
+    (tmp_path / "outside.png").write_bytes(POS)  # a real, readable file: refused for where it is, not for being absent
+    (root / "imgs" / "sneaky.png").symlink_to(tmp_path / "outside.png")
+    tiny = encoded(noise_image(8, 6, seed=5))
+    b64 = "data:image/png;base64," + base64.b64encode(NEG).decode()
+    three = "<image> Left: <crop> middle: <crop> right: <crop> Which one is red?"
+    rows = [
+        # 0: bytes everywhere; a system turn and a differently worded negative prompt (both noted, not used)
+        authors_row(
+            0, teacher=[{"role": "system", "content": "Be brief."}, *user(TEACHER)], neg_prompt=user("<image><crop>?")
+        ),
+        # 1: a relative path, `file:` and `file://` (absolute, inside the root), base64
+        authors_row(
+            1,
+            images=[entry(path="imgs/full.png")],
+            crops=[entry(image="file:imgs/crop.png")],
+            negs=[entry(image=b64)],
+        ),
+        authors_row(2, crops=[entry(image=f"file://{root / 'imgs' / 'crop.png'}")]),
+        # 3: three crops, three negatives, in order
+        authors_row(3, teacher=three, crops=[entry(c) for c in CROPS], negs=[entry(n) for n in NEGS]),
+        # 4: a crop with its own pixel budget: upscaled at import, as the authors' loader does
+        authors_row(4, crops=[entry(tiny, min_pixels=48 * 36, max_pixels=10_000)], negs=[]),
+        authors_row(5, images=[entry(image="https://example.com/cup.png")]),  # 5: remote: never fetched
+        authors_row(6, crops=[entry(path="../outside.png")]),  # 6: leaves the data root
+        authors_row(7, crops=[entry(path="imgs/sneaky.png")]),  # 7: a symlink out of it
+        authors_row(8, teacher="<image><crop><crop>Q?"),  # 8: two markers, one crop: not truncated, refused
+        authors_row(9, negs=[entry(NEG), entry(NEG)]),  # 9: two negatives for one crop
+        authors_row(10, crops=[entry(POS, min_pixels=500, max_pixels=100)]),  # 10: min above max
+        authors_row(11, teacher="<crop> without the full image"),  # 11: crop-only wording: kept as it is
+    ]
+    src = write(root / "train.parquet", rows, AUTHORS_SCHEMA)
+    report = import_vzero([src], tmp_path / "out.parquet", quarantine=tmp_path / "q.parquet")
+
+    assert report.as_dict() == {
+        "rows": 12,
+        "ok": 6,
+        "quarantined": 6,
+        "reasons": {
+            "import_remote_image:images": 1,
+            "import_path_outside_root:teacher_images": 2,
+            "import_crop_count:teacher_images": 1,
+            "import_crop_count:teacher_neg_images": 1,
+            "import_bad_pixel_budget:teacher_images": 1,
+        },
+        "notes": {"system_turn_dropped": 1, "teacher_neg_raw_prompt_ignored": 1, "image_resized_to_own_budget": 1},
+    }
+    assert pq.read_table(tmp_path / "q.parquet").column("quarantine_row").to_pylist() == [5, 6, 7, 8, 9, 10]
+    out = {r["id"]: r for r in pq.read_table(tmp_path / "out.parquet").to_pylist()}
+    assert sorted(out, key=int) == ["0", "1", "2", "3", "4", "11"]
+    assert out["0"]["teacher_prompt"] == TEACHER  # wording, whitespace, marker order: verbatim
+    assert out["0"]["question"] == "What color is the cup?"
+    assert (out["1"]["image"], out["1"]["pos_images"], out["1"]["neg_images"]) == (IMG, [POS], [NEG])
+    assert out["2"]["pos_images"] == [POS]
+    assert (out["3"]["teacher_prompt"], out["3"]["pos_images"], out["3"]["neg_images"]) == (three, CROPS, NEGS)
+    (resized,) = out["4"]["pos_images"]
+    assert decode_rgb(resized).size == (48, 36) and out["4"]["neg_images"] is None
+    assert out["11"]["teacher_prompt"] == "<crop> without the full image"
+
+
+def test_data_root_is_where_relative_paths_start(tmp_path):
+    (tmp_path / "store").mkdir()
+    (tmp_path / "store" / "full.png").write_bytes(IMG)
+    (tmp_path / "files").mkdir()
+    src = write(tmp_path / "files" / "t.parquet", [authors_row(0, images=[entry(path="full.png")])], AUTHORS_SCHEMA)
+    report = import_vzero(
+        [src], tmp_path / "o.parquet", quarantine=tmp_path / "q.parquet", data_root=tmp_path / "store"
+    )
+    assert report.ok == 1
+    report = import_vzero(
+        [src], tmp_path / "o2.parquet", quarantine=tmp_path / "q2.parquet"
+    )  # default: the file's folder
+    assert dict(report.reasons) == {"import_image_unreadable:images": 1}
+
+
+def test_crops_without_a_template_cannot_be_ordered_and_are_refused(tmp_path):
+    row = chat_row(0, teacher_images=[img(POS), img(NEG)])
+    src = write(tmp_path / "s.parquet", [row], CHAT_SCHEMA)
+    report = import_vzero([src], tmp_path / "o.parquet", quarantine=tmp_path / "q.parquet")
+    assert dict(report.reasons) == {"import_crop_count:teacher_images": 1}  # the first crop is not taken silently
+
+
+@pytest.mark.parametrize(
+    ("prompt", "template"),
+    [
+        (
+            [{"role": "system", "content": "s"}, {"role": "user", "content": "<image>\n A <crop> b "}],
+            "<image>\n A <crop> b ",
+        ),
+        (json.dumps([{"role": "user", "content": "<crop>x"}]), "<crop>x"),
+        ([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": " z<crop>"}]}], "<image> z<crop>"),
+    ],
+)
+def test_template_from_prompt_is_verbatim(prompt, template):
+    assert template_from_prompt(prompt) == template
+
+
+@pytest.mark.parametrize(
+    "prompt",
+    [
+        [{"role": "user", "content": "a <crop>"}, {"role": "user", "content": "b"}],  # two user turns
+        [{"role": "user", "content": [{"type": "image", "image": "x.png"}]}],  # an inline image payload
+        5,
+    ],
+)
+def test_template_from_prompt_refuses_what_it_cannot_keep(prompt):
+    with pytest.raises(ConversionError, match="import_bad_prompt:teacher_raw_prompt"):
+        template_from_prompt(prompt)

@@ -28,7 +28,7 @@ def test_good_rgb_row_keeps_original_bytes_and_fields():
     assert prompt.image == row["image"]
     assert prompt.evidence_box == (2.0, 2.0, 12.0, 10.0)
     assert prompt.negative_box == (40.0, 30.0, 50.0, 38.0)
-    assert prompt.source == "test" and prompt.pos_image is None
+    assert prompt.source == "test" and prompt.pos_images == () and prompt.teacher_prompt is None
 
 
 def test_answer_is_not_needed():
@@ -66,8 +66,16 @@ def test_answer_is_not_needed():
         ({"image": "not bytes"}, "wrong_type:image"),
         ({"image": b"definitely not an image"}, "image_undecodable"),
         ({"image": b""}, "image_undecodable"),
-        ({"pos_image": b"garbage"}, "image_undecodable:pos_image"),
-        ({"neg_image": 5}, "wrong_type:neg_image"),
+        ({"pos_images": [b"garbage"]}, "image_undecodable:pos_images"),
+        ({"pos_images": b"not a list"}, "wrong_type:pos_images"),
+        ({"neg_images": [5]}, "wrong_type:neg_images"),
+        ({"teacher_prompt": 5}, "wrong_type:teacher_prompt"),
+        ({"teacher_prompt": "<image> no crop"}, "teacher_prompt_no_crop"),
+        ({"teacher_prompt": "<image><image><crop>"}, "teacher_prompt_images"),
+        ({"pos_images": [png(8, 8), png(8, 8)]}, "crop_count:pos_images"),  # two crops, the default template: one
+        ({"teacher_prompt": "<crop><crop>q"}, "crop_count:pos_images"),  # two markers, only the box's crop
+        ({"teacher_prompt": "<crop><crop>q", "pos_images": [png(8, 8)]}, "crop_count:pos_images"),
+        ({"neg_images": [png(8, 8), png(8, 8)]}, "crop_count:neg_images"),
     ],
 )
 def test_bad_field_gives_its_reason(change, reason):
@@ -138,10 +146,19 @@ def test_cmyk_jpeg_is_converted():
 def test_precomputed_views_are_carried_and_normalised():
     pos = encoded(noise_image(20, 10))
     neg = encoded(noise_image(20, 10).convert("L"))
-    prompt, reason = validate_row(good_row(pos_image=pos, neg_image=neg))
+    prompt, reason = validate_row(good_row(pos_images=[pos], neg_images=[neg]))
     assert reason is None
-    assert prompt.pos_image == pos
-    assert Image.open(io.BytesIO(prompt.neg_image)).mode == "RGB"
+    assert prompt.pos_images == (pos,)
+    assert Image.open(io.BytesIO(prompt.neg_images[0])).mode == "RGB"
+
+
+def test_a_template_with_several_crops_keeps_them_all_in_order():
+    crops = [png(8, 8, seed=s) for s in range(3)]
+    template = "Scene <image>, zooms <crop> <crop> <crop>\nWhat is written?"
+    prompt, reason = validate_row(good_row(teacher_prompt=template, pos_images=crops, neg_images=crops[::-1]))
+    assert reason is None
+    assert prompt.teacher_prompt == template
+    assert prompt.pos_images == tuple(crops) and prompt.neg_images == tuple(crops[::-1])
 
 
 def test_numpy_box_accepted():

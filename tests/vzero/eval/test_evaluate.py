@@ -134,7 +134,7 @@ def test_crop_view_is_the_teachers_positive_view(rows) -> None:
     assert eval_image(prompt, "full", margin=0.25, max_pixels=10**6).size == full.size
     crop = eval_image(prompt, "crop", margin=0.25, max_pixels=10**6)
     assert crop.tobytes() == positive_view(full, prompt.evidence_box, margin=0.25).tobytes()
-    given = Prompt(**{**prompt.__dict__, "pos_image": encode_png(full.crop((0, 0, 30, 20)))})
+    given = Prompt(**{**prompt.__dict__, "pos_images": (encode_png(full.crop((0, 0, 30, 20))),)})
     assert eval_image(given, "crop", margin=0.25, max_pixels=10**6).size == (30, 20)  # precomputed view wins
     with pytest.raises(ValueError, match="views must be"):
         eval_image(prompt, "side", margin=0.25, max_pixels=10**6)  # type: ignore[arg-type]
