@@ -258,5 +258,37 @@ def collective_push(a: argparse.Namespace) -> dict:
         ray.shutdown()
 
 
+# -- Shared-prefix rows (issue 16): bench/shared_prefix.py on this device, its JSON under stages.shared_prefix --
+# Teacher scored tokens/s (raw vLLM prompt_logprobs vs vLLM / transformers shared-prefix scoring) and learner step
+# seconds (shared vs unshared forward/backward) at >= 256 image tokens, n = 8, responses <= 128 tokens, plus the
+# image-token and n sweeps. A subprocess: its engines and models leave the GPU when it exits.
+STAGES = (*STAGES, "shared_prefix")
+_run_stages = run
+
+
+def run(a: argparse.Namespace) -> dict:
+    res = _run_stages(a)
+    if "shared_prefix" in a.stages:
+        res["stages"]["shared_prefix"] = _shared_prefix_stage(a)
+    return res
+
+
+def _shared_prefix_stage(a: argparse.Namespace) -> dict:
+    import subprocess
+
+    import torch
+
+    out = Path(tempfile.mkdtemp(prefix="vzero-bench-shared-prefix-")) / "shared-prefix.json"
+    args = ["--out", str(out), "--arch", a.arch, "--preset", a.preset, "--n", str(a.n)]
+    if torch.cuda.is_available() and not a.smoke:
+        args += ["--device", "cuda", "--prompts", "8", "--max-tokens", "128", "--image-tokens", "256"]
+        args += ["--sweep-image-tokens", "64", "256", "1024", "--sweep-n", "2", "4", "8", "--sweep-prompts", "4"]
+    else:  # the code path only (the vLLM rows are exercised by tests/bench/test_shared_prefix_bench.py)
+        args += ["--prompts", "1", "--max-tokens", "8", "--image-tokens", "16", "--reps", "1", "--no-vllm"]
+        args += ["--sweep-image-tokens", "16", "--sweep-n", "2", "--sweep-prompts", "1"]
+    subprocess.run([sys.executable, "-m", "bench.shared_prefix", *args], check=True, cwd=Path(__file__).parents[1])
+    return json.loads(out.read_text())
+
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -84,6 +84,7 @@ class Gating:
             vllm=cfg.teacher.vllm,
             seed=cfg.seed,
             batch_size=cfg.teacher.micro_batch_size,
+            scoring=cfg.teacher.scoring,
         )
         self.tokenizer = self.engine.tokenizer
 
@@ -166,7 +167,7 @@ class Gating:
 
     def ready(self) -> str:
         """Returns once __init__ finished (the driver waits on it); names the engine."""
-        return f"gating-{self.rank}: {self.engine.name} on {self.device}"
+        return f"gating-{self.rank}: {self.engine.name} ({self.engine.scoring} scoring) on {self.device}"
 
 
 def merge_stats(parts: list[dict[str, float]]) -> dict[str, float]:

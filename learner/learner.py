@@ -30,6 +30,7 @@ import torch
 from learner import fsdp
 from learner.collective import CollectiveSender
 from learner.losses import gated_opd_loss
+from learner.micro_batches import collate_trajectories, learner_route, micro_batches, step_micro_batches
 from learner.weight_sync import WeightPush, WeightSender
 from vzero.batching import length_mask, pad_ragged, split_mini_batches
 from vzero.checkpoint import load_training_state, save_training_state
@@ -41,7 +42,8 @@ from vzero.logprobs import response_logprobs
 from vzero.models.loading import load_model, load_processor, resolve_dtype
 from vzero.records import Prompt, Trajectory
 from vzero.runtime import actor_device, setup_threads
-from vzero.vlm_inputs import EncodedImage, ImageEncoder, collate
+from vzero.shared_prefix import SharedBatch, shared_prefix_logprobs
+from vzero.vlm_inputs import EncodedImage, ImageEncoder
 from vzero.weight_group import GroupSpec
 
 
@@ -112,6 +114,8 @@ class Learner:
         self.temperature = cfg.rollout.temperature
         vocab = self.model.get_output_embeddings().weight.shape[0]
         self.banned_ids = banned_token_ids(self.tokenizer, vocab) if self.temperature != 1.0 else []
+        # Each group's image and question once per micro-batch where exact (learner/micro_batches.py); None = unshared.
+        self.shared_route = learner_route(self.model, cfg.learner)
 
     # -- forward helpers ----------------------------------------------------------------------------------------
     def _autocast(self):
@@ -123,23 +127,28 @@ class Learner:
         return {u: self.encoder(decode_rgb(prompts[u].image)) for u in dict.fromkeys(uids)}
 
     def _batch(self, trajs: list[Trajectory], images: dict[str, EncodedImage]):
-        rows = [(t.prompt_ids, images[t.uid], t.response_ids) for t in trajs]
-        return collate(rows, pad_id=self.pad_id, image_pad_id=self.image_pad_id).to(self.device)
+        ids = {"pad_id": self.pad_id, "image_pad_id": self.image_pad_id}
+        return collate_trajectories(trajs, images, self.shared_route, **ids).to(self.device)
 
     def _policy_logprobs(self, batch, *, return_logits: bool = False):
         """The current policy's log-probs of the batch's responses (the sampling distribution, see __init__)."""
-        return response_logprobs(
-            self.model, batch, return_logits=return_logits, temperature=self.temperature, banned_ids=self.banned_ids
-        )
+        opts = {"return_logits": return_logits, "temperature": self.temperature, "banned_ids": self.banned_ids}
+        if isinstance(batch, SharedBatch):
+            return shared_prefix_logprobs(self.model, batch, route=self.shared_route, **opts)
+        return response_logprobs(self.model, batch, **opts)
 
     @torch.no_grad()
     def logprobs(self, trajectories: list[Trajectory], prompts: dict[str, Prompt]) -> list[list[float]]:
-        """Current policy log-probs of the given responses (evaluation / tests: do the weights move?)."""
+        """Current policy log-probs of the given responses (evaluation / tests: do the weights move?), in the
+        micro-batches a training step would run (`step_micro_batches`: the same bits as its forwards)."""
         self.model.eval()
         try:
             images = self._encode_images(prompts, [t.uid for t in trajectories])
-            res = self._forward(self._batch(trajectories, images))
-            return [res.logprobs[i, : t.num_tokens].float().tolist() for i, t in enumerate(trajectories)]
+            out: dict[int, list[float]] = {}
+            for micro in step_micro_batches(trajectories, images, self.cfg.learner, self.shared_route):
+                res = self._forward(self._batch(micro, images))
+                out.update({id(t): res.logprobs[i, : t.num_tokens].float().tolist() for i, t in enumerate(micro)})
+            return [out[id(t)] for t in trajectories]
         finally:
             self.model.train()
             if self.dp is not None:
@@ -251,27 +260,9 @@ class Learner:
             acc[key] = max(acc.get(key, v), v) if k.endswith("_max") else acc.get(key, 0.0) + v * tokens / plan.n_valid
 
     def _micro_batches(self, trajectories: list[Trajectory], images) -> list[list[Trajectory]]:
-        """Consecutive groups of at most `micro_batch_size` trajectories and `max_tokens_per_micro_batch` tokens.
-
-        The token budget counts the padded batch (rows x longest prompt+response, image tokens included), which is
-        what activation memory scales with; a single over-budget trajectory still gets a micro-batch of its own.
-        """
-        L = self.cfg.learner
-        out: list[list[Trajectory]] = []
-        current: list[Trajectory] = []
-        longest = 0
-        for t in trajectories:
-            length = len(t.prompt_ids) - 1 + images[t.uid].num_pads + t.num_tokens
-            wide = max(longest, length)
-            over = L.max_tokens_per_micro_batch is not None and wide * (len(current) + 1) > L.max_tokens_per_micro_batch
-            if current and (len(current) == L.micro_batch_size or over):
-                out.append(current)
-                current, wide = [], length
-            current.append(t)
-            longest = wide
-        if current:
-            out.append(current)
-        return out
+        """`micro_batch_size` trajectories at most, and `max_tokens_per_micro_batch` positions as the route computes
+        them (learner/micro_batches.py)."""
+        return micro_batches(trajectories, images, self.cfg.learner, self.shared_route)
 
     @torch.no_grad()
     def _recompute_logprobs(self, trajs: list[Trajectory], images, acc: dict[str, float]):

@@ -48,6 +48,15 @@ def synth_data(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def bad_rows_10k(tmp_path_factory) -> tuple[Path, dict[int, str]]:
+    """10,000 rows, 5 % of them bad in every way the data checks can meet (vzero/data/bad_rows.py), and where."""
+    from vzero.data.bad_rows import write_bad_rows_file
+
+    path = tmp_path_factory.mktemp("bad-rows") / "bad-10k.parquet"
+    return path, write_bad_rows_file(path, 10_000, bad_fraction=0.05, seed=0)
+
+
 def vllm_importable() -> bool:
     import importlib.util
 

@@ -13,22 +13,45 @@ leaves a `.tmp-*` directory that `latest_checkpoint` never picks up. A checkpoin
 renamed in before the old copy is deleted (the old copy waits as `step_000042.old-<pid>`, which `latest_checkpoint`
 also accepts), so a crash at any point leaves at least one complete copy. Steps are ordered by number, never by
 name. Nothing is pickled: loading a checkpoint cannot run code.
+
+A marked directory can still be damaged later (a copy cut short, a file deleted, a disk error). `problems` checks one
+cheaply (the file list, every JSON file parses, every safetensors header and size, no tensor data is read) and
+`latest_valid_checkpoint` walks back from the newest, skipping a damaged one with a warning that names it and what is
+wrong: a resume then continues from the newest checkpoint that can really be loaded. `remove_partial` deletes the
+`.tmp-*` directories of writes a crash interrupted (a resumed run calls it; one run owns one checkpoints directory).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import re
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from vzero import fault_points
+
+log = logging.getLogger("vzero")
+
 _STEP_DIR = re.compile(r"^step_(\d{6,})$")
 _OLD_DIR = re.compile(r"^step_(\d{6,})\.old-\d+$")  # the previous copy of a step while its new copy moves in
+_TMP_DIR = re.compile(r"^step_(\d{6,})\.tmp-\d+$")  # a checkpoint being written (or whose writer died)
 ROLLOUTS_FILE = "rollouts.json"
+# What every checkpoint holds besides its model weights (model/*.safetensors, checked from config and index).
+REQUIRED_FILES = (
+    "COMPLETE",
+    "trainer_state.json",
+    "optimizer.json",
+    "optimizer.safetensors",
+    "rng.safetensors",
+    "model/config.json",
+)
 PROCESSOR_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -58,6 +81,18 @@ def begin(root: Path, step: int) -> Path:
     return tmp
 
 
+@contextlib.contextmanager
+def writing(root: Path, step: int) -> Iterator[Path]:
+    """`begin` a checkpoint of `step`; if the block fails (a full disk, a dead learner), its temporary directory is
+    deleted: it can never be loaded, and its space is wanted back. The block ends with `commit`."""
+    tmp = begin(root, step)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def checkpoint_step(path: Path) -> int:
     """The step number of a checkpoint directory (`step_000042` or its `.old-*` copy)."""
     m = _STEP_DIR.match(path.name) or _OLD_DIR.match(path.name)
@@ -74,6 +109,7 @@ def commit(tmp: Path, keep_last: int) -> Path:
     if final.exists():  # rename-then-delete: the old copy stays complete on disk until the new one is in place
         previous = final.with_name(f"{final.name}.old-{os.getpid()}")
         os.replace(final, previous)
+        fault_points.reached("commit", checkpoint_step(final))
     os.replace(tmp, final)
     if previous is not None:
         shutil.rmtree(previous)
@@ -99,6 +135,69 @@ def latest_checkpoint(root: Path) -> Path | None:
         p for p in root.iterdir() if (_STEP_DIR.match(p.name) or _OLD_DIR.match(p.name)) and (p / "COMPLETE").is_file()
     ]
     return max(done, key=lambda p: (checkpoint_step(p), bool(_STEP_DIR.match(p.name))), default=None)
+
+
+def problems(directory: Path) -> list[str]:
+    """What makes a checkpoint directory unloadable (empty: it looks complete). Cheap: reads the JSON files and the
+    safetensors headers, compares every file's size with what its header promises; reads no tensor data."""
+    from vzero.preflight import safetensors_problem
+
+    missing = [name for name in REQUIRED_FILES if not (directory / name).is_file()]
+    if missing:
+        return [f"missing {', '.join(missing)}"]
+    step = checkpoint_step(directory)
+    out = []
+    for name in ("trainer_state.json", "optimizer.json", "model/config.json", ROLLOUTS_FILE):
+        path = directory / name
+        if name == ROLLOUTS_FILE and not path.exists():
+            continue  # only async checkpoints with steps in flight have one
+        try:
+            content = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            out.append(f"{name} is unreadable ({type(e).__name__}: {e})")
+            continue
+        if name == "trainer_state.json" and (not isinstance(content, dict) or content.get("step") != step):
+            out.append(f"{name} does not hold step {step}")
+    model = directory / "model"
+    weights = sorted(model.glob("*.safetensors")) if model.is_dir() else []
+    index = model / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = set(json.loads(index.read_text())["weight_map"].values())
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            out.append(f"model/{index.name} is unreadable ({e})")
+        else:
+            out += [f"model/{s} (named by the index) is missing" for s in sorted(shards) if not (model / s).is_file()]
+    elif not weights:
+        out.append("model/ holds no *.safetensors weights")
+    for path in [*weights, directory / "optimizer.safetensors", directory / "rng.safetensors"]:
+        reason = safetensors_problem(path)
+        if reason:
+            out.append(f"{path.relative_to(directory)} {reason}")
+    return out
+
+
+def latest_valid_checkpoint(root: Path) -> Path | None:
+    """The newest complete checkpoint that passes `problems`; every newer damaged one is skipped with a warning."""
+    if not root.is_dir():
+        return None
+    done = [
+        p for p in root.iterdir() if (_STEP_DIR.match(p.name) or _OLD_DIR.match(p.name)) and (p / "COMPLETE").is_file()
+    ]
+    for path in sorted(done, key=lambda p: (checkpoint_step(p), bool(_STEP_DIR.match(p.name))), reverse=True):
+        found = problems(path)
+        if not found:
+            return path
+        log.warning("checkpoint %s is damaged and is skipped: %s", path, "; ".join(found))
+    return None
+
+
+def remove_partial(root: Path) -> list[Path]:
+    """Delete the temporary directories of checkpoint writes that never finished (a crash, a full disk)."""
+    removed = [p for p in root.iterdir() if _TMP_DIR.match(p.name)] if root.is_dir() else []
+    for path in removed:
+        shutil.rmtree(path, ignore_errors=True)
+    return removed
 
 
 def save_rollouts(directory: Path, jobs: list[dict]) -> None:

@@ -8,7 +8,9 @@ vzero model tiny --out DIR [--arch qwen2_vl|qwen2_5_vl|qwen3_vl|qwen3_5] [--pres
 vzero report RUN_DIR [--out DIR]                                         # the run as an HTML page
 
 A user error (vzero.errors.UserError, vzero.config.ConfigError: bad config, unusable data, missing model, impossible
-resources) prints one message and exits with status 2, no traceback; any other exception keeps its traceback.
+resources, a full disk) prints one message and exits with status 2, no traceback; a run that stopped on a failure
+`--resume` gets past (vzero.errors.RunStopped: a learner died) prints one message and exits with status 3; any other
+exception keeps its traceback.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import logging
 import sys
 
 from vzero.config import ConfigError, load_config
-from vzero.errors import EXIT_USER_ERROR, UserError
+from vzero.errors import EXIT_RUN_STOPPED, EXIT_USER_ERROR, RunStopped, UserError
 
 # Sub-command modules register themselves; each exposes register(subparsers).
 COMMAND_MODULES = (
@@ -83,6 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     except (UserError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except RunStopped as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_RUN_STOPPED
 
 
 if __name__ == "__main__":

@@ -128,10 +128,14 @@ def call_with_retry(
     on_restart: Callable[[], None] | None = None,
     first: Any = None,
     deadline_s: float = 300.0,
+    on_fault: Callable[[], None] | None = None,
+    fatal: Callable[[BaseException], bool] | None = None,
 ) -> Any:
     """ray.get(submit()); if the actor died, wait for Ray to restart it, run `on_restart` (e.g. re-push weights) and
     resubmit the same work. `first` is an already submitted ref to wait on before any resubmission. Gives up after
-    `deadline_s` (an actor out of `max_restarts` never comes back)."""
+    `deadline_s` (an actor out of `max_restarts` never comes back). `on_fault` runs once per failure of the work itself
+    (not for a failed `on_restart`: the actor was still coming back), so counting there counts each death once; an
+    error `fatal` accepts (an actor no retry brings back, e.g. the learner whose weights a push carries) is raised."""
     start = time.monotonic()
     attempt = 0
     while True:
@@ -142,7 +146,11 @@ def call_with_retry(
                 log.info("%s: recovered after %d retries", what, attempt)
             return result
         except ACTOR_ERRORS as exc:
+            if fatal is not None and fatal(exc):
+                raise
             attempt += 1
+            if on_fault is not None:
+                on_fault()
             if time.monotonic() - start > deadline_s:
                 raise RuntimeError(f"{what} failed for {deadline_s:.0f}s ({attempt} tries); last error: {exc}") from exc
             log.warning("%s: actor unavailable (%s); retry %d", what, type(exc).__name__, attempt)

@@ -118,6 +118,10 @@ class VLLMOptions(_Strict):
     max_images_per_prompt: int = Field(1, ge=1)
     """Most images one request may carry (vLLM `limit_mm_per_prompt`; its memory profile assumes this many at the
     largest pixel budget). 2 for a teacher that sees the full image and the crop."""
+    block_size: int | None = Field(None, ge=16)
+    """KV-cache block size in tokens (unset = 32 on CPU, see vzero/engines/vllm.py `_cpu_scheduling`; vLLM's default,
+    16, on GPU). The prefix cache shares whole blocks, so smaller blocks share more of each prompt (bench.cpu: 32
+    halved generate's CPU time against 128)."""
 
 
 class DataSynth(_Strict):
@@ -181,7 +185,15 @@ class TeacherConfig(_Strict):
     num_actors: int = Field(1, ge=1)
     """Gating actors; trajectories of one prompt always go to the same actor (shared view encodings)."""
     micro_batch_size: int = Field(16, ge=1)
-    """Trajectories per teacher forward (transformers engine)."""
+    """Trajectories per teacher forward (transformers engine; with shared_prefix, whole groups per forward)."""
+    scoring: Literal["auto", "per_request", "shared_prefix"] = "auto"
+    """How the replays of one step are computed. `per_request` (the authors'): every (trajectory, view) is its own
+    request, so the image and question are recomputed 2n times per prompt (vLLM computes prompt_logprobs without
+    prefix caching). `shared_prefix`: each (prompt, view) prefix is computed once and its n responses are scored
+    against it: a CPU vLLM engine replays one request per prompt, the others read its prefix cache (exact: the same
+    kernels; GPU engines and Qwen3.5 on CPU score per request, see vzero/engines/vllm.py); the transformers engine
+    runs vzero/shared_prefix.py (the prefix's vision tower and key/value once per group). `auto` = shared_prefix
+    where the engine and the model support it, else per_request. Measured on CPU: bench/README.md."""
     context: Context = "full_and_crop"
     """What the teacher prompt shows. `full_and_crop` (the authors'): the FULL image first, then the evidence crop;
     the negative replay swaps only the crop. `crop`: the crop alone (a variant: cheaper, the teacher judges the
@@ -323,9 +335,17 @@ class LearnerConfig(_Strict):
     micro_batch_size: int = Field(8, ge=1)
     """Trajectories per forward/backward; gradients accumulate over a mini-batch's micro-batches."""
     max_tokens_per_micro_batch: int | None = Field(None, ge=1)
-    """Also cap a micro-batch at this many padded tokens (rows x longest sequence): long responses get smaller
-    micro-batches instead of running out of memory. The loss is the same whatever the split (token-mean over the
-    mini-batch). Unset = no cap. (An out-of-memory error still halves the failing micro-batch and retries.)"""
+    """Also cap a micro-batch at this many padded positions (what its forward computes: rows x longest sequence, or
+    with shared_prefix each prefix once plus the padded responses): long responses get smaller micro-batches instead
+    of running out of memory. The loss is the same whatever the split (token-mean over the mini-batch). Unset = no
+    cap. (An out-of-memory error still halves the failing micro-batch and retries.)"""
+    shared_prefix: bool = True
+    """Compute each prompt's image and question once per micro-batch (vzero/shared_prefix.py): the vision tower
+    once per image, the prefix once per group, its responses attending to the prefix's keys/values (gradients
+    accumulate into both once). Exact (same loss and gradients, tested); measured 4.4x faster steps at 256 image
+    tokens and n = 8 on CPU (bench/README.md). Uses the family's preferred route; with gradient_checkpointing the
+    packed one (Qwen3.5, which has no packed route, then runs unshared). Off = one full sequence per trajectory (the
+    authors')."""
     dtype: DType = "auto"
     """Autocast dtype for the forward: auto = bf16 on GPU, fp32 on CPU."""
     param_dtype: Literal["float32", "bfloat16"] = "float32"

@@ -42,12 +42,13 @@ from gating.teacher import TERMS_KEY, Gating, merge_stats
 from learner.group import LearnerGroup
 from learner.learner import Learner
 from vzero import checkpoint as ckpt
-from vzero import run_dir
+from vzero import fault_points, run_dir, stops
 from vzero.cluster import call_with_retry, check_resources, connect, spawn, wait_ready
 from vzero.config import ConfigError, RolloutConfig, TeacherConfig, TrainConfig, dump_config
 from vzero.console import progress_line, ray_logs_dir, summary
 from vzero.data.quarantine import QuarantineWriter
 from vzero.data.stream import PromptStream
+from vzero.errors import RunStopped
 from vzero.loop_state import (
     InFlight,
     host_rng_state,
@@ -97,14 +98,15 @@ class Run:
         ]
         name = f"vzero-learner-{id(self):x}"  # world_size > 1: N FSDP ranks behind the same methods (a facade)
         one = cfg.learner.world_size == 1
-        self.learner = spawn(Learner, cfg.learner.resources, name, cfg) if one else LearnerGroup(cfg, name)
+        no_restart = cfg.learner.resources.model_copy(update={"max_restarts": 0})  # its death stops the run (stops.py)
+        self.learner = spawn(Learner, no_restart, name, cfg) if one else LearnerGroup(cfg, name)
         named = {f"sampler-{i}": a for i, a in enumerate(self.samplers)}
         named.update({f"gating-{i}": a for i, a in enumerate(self.gaters)})
         named["learner"] = self.learner
         self.engines = wait_ready(named)
         log.info("actors ready: %s", "; ".join(self.engines.values()))
-        self.pusher = WeightPusher(cfg, self.learner, self.samplers)
-        latest = ckpt.latest_checkpoint(self.out / "checkpoints") if resume else None
+        self.pusher = WeightPusher(cfg, self.learner, self.samplers, on_fault=self._count_fault)
+        latest = ckpt.latest_valid_checkpoint(self.out / "checkpoints") if resume else None  # skips damaged ones
         if resume:  # drop what steps after the checkpoint wrote (they are trained again)
             state = json.loads((latest / "trainer_state.json").read_text()) if latest else {"step": 0}
             run_dir.rewind_outputs(self.out, state["step"], state.get("stream", {}).get("bad_rows", []))
@@ -168,23 +170,25 @@ class Run:
         return jobs
 
     def save_checkpoint(self) -> Path:
-        tmp = ckpt.begin(self.out / "checkpoints", self.step)
-        ray.get(self.learner.save.remote(str(tmp)))
-        jobs = list(self.inflight)
-        for job in jobs:  # sampled by weights no checkpoint holds: keep the samples themselves
-            self._collect_rollout(job)
-        state = {
-            "step": self.step,
-            "policy_version": self.version,
-            "pushed_version": self.pushed_version,
-            # the first prompt not yet trained: in-flight steps drew theirs already, and are re-drawn on resume
-            "stream": self.stream.state_dict(jobs[0].stream_before if jobs else None),
-            **host_rng_state(),
-        }
-        if jobs:
-            ckpt.save_rollouts(tmp, [rollout_record(j) for j in jobs])
-        (tmp / "trainer_state.json").write_text(json.dumps(state))
-        final = ckpt.commit(tmp, self.cfg.checkpoint.keep_last)
+        self.quarantine.flush()  # the rows the checkpoint's stream knows are on disk before the checkpoint exists
+        with ckpt.writing(self.out / "checkpoints", self.step) as tmp:  # removed if the write fails (a full disk)
+            ray.get(self.learner.save.remote(str(tmp)))
+            fault_points.reached("checkpoint", self.step)
+            jobs = list(self.inflight)
+            for job in jobs:  # sampled by weights no checkpoint holds: keep the samples themselves
+                self._collect_rollout(job)
+            state = {
+                "step": self.step,
+                "policy_version": self.version,
+                "pushed_version": self.pushed_version,
+                # the first prompt not yet trained: in-flight steps drew theirs already, and are re-drawn on resume
+                "stream": self.stream.state_dict(jobs[0].stream_before if jobs else None),
+                **host_rng_state(),
+            }
+            if jobs:
+                ckpt.save_rollouts(tmp, [rollout_record(j) for j in jobs])
+            (tmp / "trainer_state.json").write_text(json.dumps(state))
+            final = ckpt.commit(tmp, self.cfg.checkpoint.keep_last)
         self.saved = (self.step, final)
         return final
 
@@ -205,7 +209,6 @@ class Run:
 
     def _restore_sampler(self, i: int, version: int) -> None:
         """A restarted sampler is back at the initial weights (version 0): bring it to `version`."""
-        self.faults += 1
         if version > 0:
             self._push_one(i, version)
 
@@ -245,11 +248,14 @@ class Run:
                 self._restore_sampler(i, job.version)
 
             what = f"sampler-{i} generate (step {job.step})"
-            trajs, st = call_with_retry(submit, what=what, on_restart=restarted, first=ref)
+            fatal = lambda exc: stops.died(exc, self.learner)  # noqa: E731 (the learner's weights are in the call)
+            retry = dict(what=what, on_restart=restarted, on_fault=self._count_fault, fatal=fatal)
+            trajs, st = call_with_retry(submit, first=ref, **retry)
             if trajs[0].policy_version != job.version:  # restarted silently between two calls
                 log.warning("%s: sampler came back at version %d; re-pushing", what, trajs[0].policy_version)
+                self._count_fault()
                 self._restore_sampler(i, job.version)
-                trajs, st = call_with_retry(submit, what=what, on_restart=restarted)
+                trajs, st = call_with_retry(submit, **retry)
             if self.pushed_version > job.version and self.faults:  # async: pushes queued on the dead actor were lost
                 self._push_one(i, self.pushed_version)
             trajectories.extend(trajs)
@@ -292,7 +298,7 @@ class Run:
                 return self.gaters[i].gate.remote(part, prompts)
 
             trajs, st = call_with_retry(
-                submit, what=f"gating-{i} (step {job.step})", on_restart=self._count_fault, first=ref
+                submit, what=f"gating-{i} (step {job.step})", first=ref, on_fault=self._count_fault
             )
             out.extend(trajs)
             terms.append(st.pop(TERMS_KEY))
@@ -311,12 +317,13 @@ class Run:
         next_step = self.step + len(inflight)
         signal.signal(signal.SIGTERM, self._on_sigterm)
         pending_gate: tuple[InFlight, list[Any]] | None = None
-        try:
+        with stops.reported(self):  # a full disk, a dead learner: one message that says what to do
             while self.step < cfg.steps and not self.stop_requested:
                 while next_step < cfg.steps and len(inflight) < depth + 1:
                     inflight.append(self._submit_rollout(next_step))
                     next_step += 1
                 job = inflight.popleft()
+                fault_points.reached("rollout", job.step + 1)
                 t_step = time.perf_counter()
                 if pending_gate is not None and pending_gate[0] is job:
                     gate_refs = pending_gate[1]
@@ -326,16 +333,13 @@ class Run:
                 trajectories, gate_stats = self._collect_gating(job, gate_refs)
                 prompts = {p.uid: p for p in job.prompts}
                 train_ref = self.learner.train_step.remote(trajectories, prompts)
+                fault_points.reached("learn", job.step + 1)
                 if inflight:  # async: gate the next batch while the learner trains on this one
                     nxt = inflight[0]
                     pending_gate = (nxt, self._submit_gating(nxt, self._collect_rollout(nxt)))
                 train_metrics = ray.get(train_ref)
-                if int(train_metrics["policy_version"]) != self.version + 1:
-                    raise RuntimeError(
-                        "the learner restarted and lost its trained weights (policy version "
-                        f"{train_metrics['policy_version']:.0f}, expected {self.version + 1}); rerun with --resume to "
-                        "continue from the last checkpoint"
-                    )
+                if int(train_metrics["policy_version"]) != self.version + 1:  # it restarted (never: max_restarts 0)
+                    raise RunStopped(f"{stops.resume_hint(self.step, self.saved)}: the learner lost its weights")
                 self.version = int(train_metrics["policy_version"])
                 self.step = job.step + 1
                 if self.version - 1 - job.version > bound:  # by construction never; a bug if it ever fires
@@ -356,12 +360,10 @@ class Run:
                 self.telemetry.record(record, [t.weight for t in trajectories])
                 if cfg.logging.progress_bar:
                     print(progress_line(self.step, cfg.steps, metrics), flush=True)
+                fault_points.reached("logged", self.step)
                 if checkpoint_due and self.step < cfg.steps:
                     self.save_checkpoint()
             final = self.saved[1] if self.saved and self.saved[0] == self.step else self.save_checkpoint()
-        finally:
-            self.metrics.close()
-            self.quarantine.close()
         return final
 
     def _step_metrics(self, job, trajectories, gate_stats, train_metrics, push, t_step) -> dict[str, float]:

@@ -38,6 +38,30 @@ def _align(x: torch.Tensor, lengths: list[int], T: int) -> torch.Tensor:
     return out
 
 
+def token_logprobs(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    topk: int = 0,
+    temperature: float = 1.0,
+    banned_ids: list[int] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Float logits [B, T, V] and the tokens they predict [B, T] -> (log-probs of those tokens [B, T], top-k log-probs
+    and ids [B, T, k] or None). `temperature` != 1 masks `banned_ids` and scales (the sampled distribution); the
+    top-k stay raw."""
+    logp = torch.log_softmax(logits, dim=-1) if temperature == 1.0 or topk else None
+    if temperature == 1.0:
+        token_lp = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    else:  # gather minus logsumexp: one [B, T, V] copy more, not two
+        banned = torch.tensor(banned_ids or [], dtype=torch.long, device=logits.device)
+        scaled = logits.index_fill(-1, banned, float("-inf")) / temperature
+        token_lp = scaled.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(scaled, dim=-1)
+    if not topk:
+        return token_lp, None, None
+    vals, ids = logp.topk(topk, dim=-1)
+    return token_lp, vals, ids
+
+
 def response_logprobs(
     model: torch.nn.Module,
     batch: SequenceBatch,
@@ -59,23 +83,17 @@ def response_logprobs(
         return ResponseLogprobs(empty, empty.bool())
     out = model(**batch.model_inputs(), logits_to_keep=T + 1, use_cache=False)
     logits = out.logits[:, -(T + 1) : -1, :].float()  # position j predicts token j+1
-    targets = batch.input_ids[:, -T:]
-    logp = torch.log_softmax(logits, dim=-1) if temperature == 1.0 or topk else None
-    if temperature == 1.0:
-        token_lp = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    else:  # gather minus logsumexp: one [B, T, V] copy more, not two
-        banned = torch.tensor(banned_ids or [], dtype=torch.long, device=device)
-        scaled = logits.index_fill(-1, banned, float("-inf")) / temperature
-        token_lp = scaled.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(scaled, dim=-1)
+    token_lp, top_vals, top_ids = token_logprobs(
+        logits, batch.input_ids[:, -T:], topk=topk, temperature=temperature, banned_ids=banned_ids
+    )
     lengths = batch.response_lengths
     mask = torch.zeros((B, T), dtype=torch.bool, device=device)
     for i, n in enumerate(lengths):
         mask[i, :n] = True
     res = ResponseLogprobs(_align(token_lp, lengths, T) * mask, mask)
     if topk:
-        vals, ids = logp.topk(topk, dim=-1)
-        res.topk_ids = _align(ids, lengths, T)
-        res.topk_logprobs = _align(vals, lengths, T)
+        res.topk_ids = _align(top_ids, lengths, T)
+        res.topk_logprobs = _align(top_vals, lengths, T)
     if return_logits:
         res.logits = _align(logits, lengths, T)
     return res

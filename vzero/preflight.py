@@ -220,8 +220,8 @@ def check_engines(cfg: TrainConfig) -> list[str]:
 
 def check_local_resources(cfg: TrainConfig, *, cpus: float | None = None, gpus: float | None = None) -> list[str]:
     """A local cluster (no ray.address) must fit every actor; `cpus`/`gpus` default to the config or the machine."""
-    if cfg.ray.address or os.environ.get("RAY_ADDRESS") or _ray_already_up():
-        return []  # a cluster we join (or one this process already runs) is checked against what it reports
+    if cfg.ray.address or os.environ.get("RAY_ADDRESS"):
+        return []  # a cluster we join is checked against what it reports, after connecting
     from vzero.cluster import requested_resources
 
     want = requested_resources(cfg)
@@ -253,7 +253,8 @@ def _gpu_count() -> int:
 
 def preflight_problems(cfg: TrainConfig) -> list[str]:
     """Every problem the checks find for `cfg` (data and models must exist already)."""
-    problems = check_engines(cfg) + check_local_resources(cfg)
+    # A Ray this process already runs is reused as it is (`cluster.connect`): `cluster.check_resources` checks it.
+    problems = check_engines(cfg) + ([] if _ray_already_up() else check_local_resources(cfg))
     problems += check_data(cfg.data.path, need=cfg.rollout.prompts_per_step, max_pixels=cfg.data.max_image_pixels)
     problems += check_model_dir(cfg.student.path, field_name="student.path")
     if cfg.teacher.model is not None and cfg.teacher.model.path != cfg.student.path:

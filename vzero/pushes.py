@@ -33,6 +33,7 @@ from vzero.cluster import ACTOR_ERRORS, call_with_retry
 from vzero.config import TrainConfig
 from vzero.engines import vllm_available
 from vzero.loop_state import pushes_to_keep
+from vzero.stops import died
 
 log = logging.getLogger("vzero")
 
@@ -42,8 +43,17 @@ def group_key(i: int) -> str:
 
 
 class WeightPusher:
-    def __init__(self, cfg: TrainConfig, learner: Any, samplers: list[Any], *, restart_deadline_s: float = 300.0):
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        learner: Any,
+        samplers: list[Any],
+        *,
+        restart_deadline_s: float = 300.0,
+        on_fault: Callable[[], None] | None = None,
+    ):
         self.cfg = cfg
+        self.on_fault = on_fault  # called once per sampler death a push recovered from (the driver counts)
         self.learner = learner
         self.samplers = samplers
         self.timeout_s = cfg.learner.weight_push_timeout_s
@@ -131,7 +141,9 @@ class WeightPusher:
         if collective:
             out.update(self._push_collective(collective, version))
         if direct:
-            results = call_with_retry(submit, what="weight push", on_restart=None, first=first)
+            # The learner's death is no sampler fault: its weights are in the push, so no retry repairs it.
+            fatal = lambda exc: died(exc, self.learner)  # noqa: E731
+            results = call_with_retry(submit, what="weight push", first=first, on_fault=self.on_fault, fatal=fatal)
             out.update(zip(direct, results, strict=True))
         return [out[i] for i in indices]
 
@@ -146,6 +158,9 @@ class WeightPusher:
             if not died:
                 break
             attempt += 1
+            for _ in died:  # each death once (the driver's faults/recovered), as for direct pushes
+                if self.on_fault is not None:
+                    self.on_fault()
             names = ", ".join(group_key(i) for i in died)
             if time.monotonic() - start > self.restart_deadline_s:
                 raise RuntimeError(

@@ -1,5 +1,6 @@
-"""An output_dir's rules, without Ray: a used directory is refused or cleared, a finished run is recognised, and a
-resume rewinds the outputs (metrics, trajectories, quarantined rows) to its checkpoint."""
+"""An output_dir's rules, without Ray: a used directory is refused or cleared, a finished run is recognised, a resume
+rewinds the outputs (metrics, trajectories, quarantined rows, what interrupted writes left) to its checkpoint, and a
+full disk is recognised in whatever form it is raised."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from tests.vzero.checkpoint_helpers import write_checkpoint
 from vzero import run_dir
 from vzero.config import ConfigError
 from vzero.data.quarantine import ROW_COLUMN, QuarantineWriter
@@ -20,9 +22,7 @@ def _metrics(out: Path, steps) -> None:
 
 
 def _checkpoint(out: Path, step: int) -> None:
-    d = out / "checkpoints" / f"step_{step:06d}"
-    d.mkdir(parents=True)
-    (d / "COMPLETE").write_text("ok\n")
+    write_checkpoint(out / "checkpoints", step)
 
 
 def test_a_used_output_dir_is_refused_or_cleared(tmp_path) -> None:
@@ -38,10 +38,13 @@ def test_a_used_output_dir_is_refused_or_cleared(tmp_path) -> None:
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
 
 
-def test_finished_means_the_newest_checkpoint_reached_steps(tmp_path) -> None:
+def test_finished_means_the_newest_loadable_checkpoint_reached_steps(tmp_path) -> None:
     _checkpoint(tmp_path, 3)
     assert run_dir.finished_checkpoint(tmp_path, 4) is None
     assert run_dir.finished_checkpoint(tmp_path, 3) == tmp_path / "checkpoints" / "step_000003"
+    _checkpoint(tmp_path, 4)
+    (tmp_path / "checkpoints" / "step_000004" / "optimizer.safetensors").unlink()
+    assert run_dir.finished_checkpoint(tmp_path, 4) is None, "a damaged final checkpoint is trained again"
 
 
 def test_rewind_drops_what_steps_after_the_checkpoint_wrote(tmp_path) -> None:
@@ -60,3 +63,49 @@ def test_rewind_drops_what_steps_after_the_checkpoint_wrote(tmp_path) -> None:
         "step_000002.parquet",
     ]
     assert pq.read_table(tmp_path / "quarantine.parquet").column(ROW_COLUMN).to_pylist() == [5]
+
+
+def test_rewind_drops_a_metrics_line_a_kill_cut_short_and_what_unfinished_writes_left(tmp_path) -> None:
+    _metrics(tmp_path, [1, 2, 3])
+    with (tmp_path / "metrics.jsonl").open("a") as fh:
+        fh.write('{"step": 4, "loss": 0.2')
+    (tmp_path / "trajectories").mkdir()
+    (tmp_path / "trajectories" / "step_000003.parquet").write_bytes(b"x")
+    (tmp_path / "trajectories" / "step_000004.parquet.tmp").write_bytes(b"half")
+    _checkpoint(tmp_path, 3)
+    (tmp_path / "checkpoints" / "step_000004.tmp-99").mkdir()
+    run_dir.rewind_outputs(tmp_path, 3, [])
+    assert (tmp_path / "metrics.jsonl").read_text().splitlines() == [json.dumps({"step": s}) for s in (1, 2, 3)]
+    assert sorted(p.name for p in (tmp_path / "trajectories").iterdir()) == ["step_000003.parquet"]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_000003"]
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    run_dir.rewind_outputs(tmp_path, 3, [])  # idempotent: a crash during the rewind is repaired by the next one
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
+def test_a_full_disk_is_recognised_however_it_is_raised(tmp_path) -> None:
+    import errno
+
+    from ray.exceptions import RayTaskError
+
+    from vzero.errors import UserError
+
+    plain = OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "x"))
+    assert run_dir.disk_full(plain) is plain
+    try:
+        try:
+            raise plain
+        except OSError as e:
+            raise RuntimeError("while writing the checkpoint") from e
+    except RuntimeError as wrapped:
+        assert run_dir.disk_full(wrapped) is plain
+    in_actor = RayTaskError("Learner.save", "Traceback ...", plain)  # what ray.get raises for the learner's OSError
+    assert run_dir.disk_full(in_actor) is plain
+    text = RuntimeError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: ... })")
+    assert run_dir.disk_full(text) is text  # safetensors' own error type
+    assert run_dir.disk_full(OSError(errno.EACCES, "Permission denied")) is None
+    assert run_dir.disk_full(ValueError("bad")) is None
+    err = run_dir.disk_full_error(tmp_path, plain, step=6, checkpoint=tmp_path / "checkpoints" / "step_000004")
+    assert isinstance(err, UserError)
+    msg = str(err)
+    assert str(tmp_path / "x") in msg and "MiB free" in msg and "step_000004 is intact" in msg and "--resume" in msg

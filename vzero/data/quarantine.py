@@ -9,7 +9,10 @@ run would lose EVERY row on a hard kill (SIGKILL, OOM, preemption). Instead each
 written as its own complete Parquet file `<path>.parts/part-NNNNNN.parquet`; `close()` merges the parts, in order,
 into `path` (one row group per part, via `pq.ParquetWriter`) and removes the directory. After a crash the parts are
 readable as they stand (`pq.read_table("<path>.parts")`) and `recover(path)` (or a writer opened with `mode="a"`)
-merges them: a crash loses at most the rows not yet flushed.
+merges them: a crash loses at most the rows not yet flushed (the training driver flushes at every checkpoint, so a
+resumed run loses none of the rows its checkpoint knows). A merge is itself crash-safe and never doubles a row: it
+writes `<path>.tmp`, marks the parts directory `MERGED`, moves the file in, then deletes the parts; whoever finds the
+marker finishes that merge instead of merging the parts a second time.
 
 Knows nothing about validation rules or prompts.
 """
@@ -30,6 +33,7 @@ import pyarrow.parquet as pq
 REASON_COLUMN = "quarantine_reason"
 ROW_COLUMN = "quarantine_row"
 DEFAULT_BATCH_SIZE = 32  # rows per flush: small, since bad rows are rare and each flush is what a crash can't lose
+MERGED_MARKER = "MERGED"  # in the parts directory: `<path>.tmp` holds every part, only the final moves are left
 
 
 def parts_dir(path: str | os.PathLike[str]) -> Path:
@@ -75,6 +79,8 @@ class QuarantineWriter:
         if mode == "w":
             self.path.unlink(missing_ok=True)
             shutil.rmtree(self._parts, ignore_errors=True)
+        else:
+            _finish_interrupted_merge(self.path)  # its parts must not be mixed with ours
         self._parts.mkdir(parents=True, exist_ok=True)
         self._next_part = len(_part_files(self._parts))
 
@@ -146,11 +152,25 @@ def _part_files(directory: Path) -> list[Path]:
     return sorted(directory.glob("part-*.parquet")) if directory.is_dir() else []
 
 
+def _finish_interrupted_merge(path: Path) -> bool:
+    """Complete a merge that crashed after it marked the parts as merged (True if there was one)."""
+    parts = parts_dir(path)
+    if not (parts / MERGED_MARKER).exists():
+        return False
+    tmp = path.with_name(path.name + ".tmp")
+    if tmp.exists():  # else it was moved in already: the parts are in `path`
+        os.replace(tmp, path)
+    shutil.rmtree(parts, ignore_errors=True)
+    return True
+
+
 def _merge(path: Path, schema: pa.Schema | None) -> None:
     """Rewrite `path` as: its old rows (if any), then every part, each part one row group; then drop the parts.
 
     Streams one row group / part at a time. With no rows anywhere, writes an empty file if the schema is known.
     """
+    if _finish_interrupted_merge(path):
+        return
     parts = _part_files(parts_dir(path))
     sources: list[pq.ParquetFile] = []
     if path.exists():
@@ -166,5 +186,7 @@ def _merge(path: Path, schema: pa.Schema | None) -> None:
         for source in sources:
             for i in range(source.num_row_groups):
                 writer.write_table(source.read_row_group(i).cast(schema))
+    if parts:  # from here on the parts are in `tmp`: a crash must not merge them again
+        (parts_dir(path) / MERGED_MARKER).write_text("")
     os.replace(tmp, path)
     shutil.rmtree(parts_dir(path), ignore_errors=True)

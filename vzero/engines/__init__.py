@@ -52,12 +52,15 @@ def create_engine(
     batch_size: int = 16,
     worker_extension: str | None = None,
     processed_logprobs: bool = False,
+    scoring: str = "per_request",
 ) -> Engine:
     """Build the engine for `model` on `device` ("cpu" or "cuda").
 
     `worker_extension` names the vLLM worker-extension class that receives weight pushes (samplers pass theirs;
     the core does not know the receiver's home). `processed_logprobs` makes `generate` report the log-probs of the
-    distribution sampled (after temperature and the banned ids) instead of the raw ones."""
+    distribution sampled (after temperature and the banned ids) instead of the raw ones. `scoring` (see
+    `TeacherConfig.scoring`): `shared_prefix` computes the prefix of requests that share a prompt and images once,
+    each engine in its own way; `auto` does so where the engine and model support it."""
     resolved = resolve_engine_kind(kind)
     common = dict(
         dtype=model.dtype,
@@ -75,10 +78,16 @@ def create_engine(
             seed=seed,
             trust_remote_code=model.trust_remote_code,
             worker_extension=worker_extension,
+            scoring=scoring,
             **common,
         )
     from vzero.engines.hf import HFEngine
 
     return HFEngine(
-        model.path, device=device, batch_size=batch_size, trust_remote_code=model.trust_remote_code, **common
+        model.path,
+        device=device,
+        batch_size=batch_size,
+        trust_remote_code=model.trust_remote_code,
+        scoring=scoring,
+        **common,
     )

