@@ -63,12 +63,13 @@ def train_with_retries(overrides: list[str], attempts: int = 3) -> tuple[Path, f
     shared, overloaded machine a learner was once restarted mid-step ("The actor was restarted")."""
     import ray
 
+    from vzero.errors import RunStopped
     from vzero.recipes.toy import train_run
 
     for attempt in range(1, attempts + 1):
         try:
             return train_run(overrides)
-        except (ray.exceptions.RayError, RuntimeError) as e:
+        except (ray.exceptions.RayError, RuntimeError, RunStopped) as e:  # RunStopped: the driver's "a learner died"
             if attempt == attempts:
                 raise
             log.warning("run failed (attempt %d/%d), starting it again: %s", attempt, attempts, str(e)[:300])
