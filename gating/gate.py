@@ -21,6 +21,9 @@ The equations are those of the method notes (``vzero-method.md``, "Contrastive e
 ``level="sequence"`` is the authors' gate (one weight per trajectory). ``level="token"`` is ours: it skips step 3
 and normalises each token score against its group's pooled valid token scores (see ``evidence_weights``).
 
+``shuffle_within_groups`` is a control experiment, not part of the method: the same sequence weights permuted within
+each group, so their distribution stays and their link to the evidence goes (config ``gate.shuffle_control``).
+
 Run the tests with ``.venv/bin/pytest tests/gating/test_gate.py``.
 """
 
@@ -30,6 +33,8 @@ from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 
 import torch
+
+from vzero.runtime import derive_seed
 
 GATE_LEVELS = ("sequence", "token")
 
@@ -203,6 +208,33 @@ def evidence_gate(
 
         terms = GateTerms(*(x.detach().double().reshape(-1).cpu() for x in (score, adv, weight, delta[valid])))
     return w.float(), terms
+
+
+def shuffle_within_groups(
+    weights: torch.Tensor, group_ids: Sequence[Hashable] | torch.Tensor, *, seed: int
+) -> torch.Tensor:
+    """[B] sequence weights permuted within each group: the shuffled-gate control.
+
+    Every group keeps exactly its multiset of weights (so mean, spread and the share at w_min are unchanged) but
+    which trajectory gets which weight is random: whatever the gate knows about the evidence is removed. The
+    permutation of a group depends only on (``seed``, its group id) and the order of its members, not on the other
+    groups in the batch.
+    """
+    if weights.dim() != 1 or len(group_ids) != weights.shape[0]:
+        raise ValueError(
+            f"weights must be [B] with one group id each, got {tuple(weights.shape)} and {len(group_ids)} ids"
+        )
+    keys = group_ids.tolist() if isinstance(group_ids, torch.Tensor) else list(group_ids)
+    members: dict[Hashable, list[int]] = {}
+    for i, gid in enumerate(keys):
+        members.setdefault(gid, []).append(i)
+    out = weights.clone()
+    for gid, idx in members.items():
+        gen = torch.Generator().manual_seed(derive_seed(seed, "gate-shuffle", gid))
+        perm = torch.randperm(len(idx), generator=gen)
+        src = torch.tensor(idx, device=weights.device)
+        out[src] = weights[src[perm.to(weights.device)]]
+    return out
 
 
 def _group_standardise(

@@ -26,12 +26,12 @@ from typing import Any
 import torch
 from PIL import Image
 
-from gating.gate import evidence_gate
+from gating.gate import evidence_gate, shuffle_within_groups
 from vzero.batching import length_mask, pad_ragged
 from vzero.config import TrainConfig
 from vzero.engines import ScoreRequest, create_engine
 from vzero.records import Prompt, Trajectory
-from vzero.runtime import actor_device, setup_threads
+from vzero.runtime import actor_device, derive_seed, setup_threads
 from vzero.teacher_prompt import teacher_prompt
 from vzero.views import views_for
 from vzero.vlm_inputs import chat_prompt_ids
@@ -133,6 +133,9 @@ class Gating:
             eps=g.eps,
             level=g.level,
         )
+        if g.shuffle_control:  # control: the same weights, permuted within each group (see gate.py)
+            version = trajectories[0].policy_version if trajectories else 0
+            weights = shuffle_within_groups(weights, [t.uid for t in trajectories], seed=derive_seed(cfg.seed, version))
         if not g.enabled:  # OPD baseline: keep the diagnostics (what the gate would have said), apply nothing
             weights = torch.ones_like(weights)
         for i, t in enumerate(trajectories):

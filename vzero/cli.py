@@ -28,6 +28,7 @@ COMMAND_MODULES = (
     "vzero.data.commands",
     "vzero.models.commands",
     "vzero.eval.commands",
+    "vzero.eval.regate_commands",
     "vzero.recipes.commands",
     "vzero.report.commands",
 )
@@ -78,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%X")
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # what was asked, for results that record their command
     try:
         return int(args.func(args) or 0)
     except (UserError, ConfigError) as exc:

@@ -261,11 +261,20 @@ class GateConfig(_Strict):
     """Upper clamp of a weight."""
     eps: float = Field(1e-6, gt=0)
     """Guards the divisions (token count, group std)."""
+    shuffle_control: bool = False
+    """Control experiment, not part of the method (authors: no such option, i.e. off): permute the sequence weights
+    within each group before they are applied, so they keep their distribution but lose their link to the evidence
+    (`gating.gate.shuffle_within_groups`). Needs `enabled` and `level: sequence`."""
 
     @model_validator(mode="after")
     def _bounds(self) -> GateConfig:
         if self.w_min > self.w_max:
             raise ValueError(f"w_min ({self.w_min}) must be <= w_max ({self.w_max})")
+        if self.shuffle_control and (not self.enabled or self.level != "sequence"):
+            raise ValueError(
+                "gate.shuffle_control permutes sequence weights: it needs gate.enabled=true and gate.level=sequence "
+                f"(got enabled={self.enabled}, level={self.level!r})"
+            )
         return self
 
 

@@ -292,3 +292,23 @@ def test_bad_arguments_raise_naming_the_argument(kwargs, match):
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
         evidence_weights(**args)
+
+
+def test_shuffle_within_groups_keeps_each_groups_weights_and_only_moves_them_inside_it() -> None:
+    from gating.gate import shuffle_within_groups
+
+    w = torch.tensor([0.0, 0.5, 1.5, 2.0, 1.0, 0.25, 1.75])
+    groups = ["a", "a", "a", "a", "b", "c", "c"]
+    outs = [shuffle_within_groups(w, groups, seed=s) for s in range(20)]
+    for out in outs:
+        for g in set(groups):
+            idx = [i for i, x in enumerate(groups) if x == g]
+            assert sorted(out[idx].tolist()) == sorted(w[idx].tolist()), "each group keeps its multiset of weights"
+        assert out[4] == 1.0, "a lone trajectory keeps its weight"
+    assert torch.equal(outs[3], shuffle_within_groups(w, groups, seed=3)), "deterministic given the seed"
+    assert any(not torch.equal(o[:4], w[:4]) for o in outs), "the assignment inside a group changes"
+    # Another group in the batch does not change group a's permutation.
+    alone = shuffle_within_groups(w[:4], groups[:4], seed=3)
+    assert torch.equal(alone, outs[3][:4])
+    with pytest.raises(ValueError, match="one group id each"):
+        shuffle_within_groups(w, groups[:3], seed=0)

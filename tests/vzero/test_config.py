@@ -97,3 +97,10 @@ def test_every_field_has_a_description() -> None:
 
     walk(TrainConfig, "")
     assert not missing, f"fields without a docstring: {missing}"
+
+
+def test_shuffle_control_needs_an_enabled_sequence_gate() -> None:
+    assert load_config(None, ["gate.shuffle_control=true"]).gate.shuffle_control
+    for bad in (["gate.level=token"], ["gate.enabled=false"]):
+        with pytest.raises(ConfigError, match="shuffle_control permutes sequence weights"):
+            load_config(None, ["gate.shuffle_control=true", *bad])

@@ -32,12 +32,20 @@ from pathlib import Path
 from typing import Any, Literal
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
 from vzero.config import ChatOptions, EngineKind, ModelSource, VLLMOptions
 from vzero.data import schema as S
-from vzero.data.validate import DEFAULT_MAX_PIXELS, check_duplicate, missing_field, validate_row, wrong_type
+from vzero.data.validate import (
+    DEFAULT_MAX_PIXELS,
+    DUPLICATE_ID,
+    check_duplicate,
+    missing_field,
+    validate_row,
+    wrong_type,
+)
 from vzero.engines import GenerateRequest, SamplingSpec, create_engine
 from vzero.images import decode_rgb
 from vzero.records import Prompt
@@ -86,6 +94,38 @@ def iter_labeled(
                 yield reason if prompt is None or reason is not None else LabeledRow(prompt, raw[S.ANSWER])
     except (OSError, pa.ArrowException) as e:
         raise S.DataFileError(f"{path}: data pages unreadable ({e})") from e
+
+
+def read_answers(path: str | Path) -> tuple[dict[str, str], Counter[str]]:
+    """`id -> answer` of a labels file: any Parquet with `id` and `answer` columns (nothing else is read).
+
+    For evaluation tools that score logged samples (`vzero regate --labels`). Rows without a usable answer or id
+    are counted by reason in the second value (`missing_field:id`, `missing_field:answer`, `wrong_type:answer`,
+    `answer_empty`, `duplicate_id`: the first id wins); a file that is not Parquet or lacks either column raises
+    `DataFileError` naming the file and its columns."""
+    try:
+        pf = pq.ParquetFile(path)
+    except (OSError, pa.ArrowException) as e:
+        raise S.DataFileError(f"{path}: cannot read as Parquet ({e})") from e
+    missing = [c for c in (S.ID, S.ANSWER) if c not in pf.schema_arrow.names]
+    if missing:
+        raise S.DataFileError(f"{path}: labels need columns {missing} (file has {pf.schema_arrow.names})")
+    answers: dict[str, str] = {}
+    invalid: Counter[str] = Counter()
+    try:
+        for batch in pf.iter_batches(batch_size=4096, columns=[S.ID, S.ANSWER]):
+            for raw in batch.to_pylist():
+                uid = raw[S.ID]
+                reason = missing_field(S.ID) if not isinstance(uid, str) else _answer_problem(raw[S.ANSWER])
+                if reason is None and uid in answers:
+                    reason = DUPLICATE_ID
+                if reason is not None:
+                    invalid[reason] += 1
+                else:
+                    answers[uid] = raw[S.ANSWER]
+    except (OSError, pa.ArrowException) as e:
+        raise S.DataFileError(f"{path}: data pages unreadable ({e})") from e
+    return answers, invalid
 
 
 def _answer_problem(answer: Any) -> str | None:

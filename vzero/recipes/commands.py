@@ -23,7 +23,7 @@ from vzero.models.families import ARCHS
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    """Add `recipe toy`; sets `func(args) -> int`."""
+    """Add `recipe toy` and `recipe prior-trap`; sets `func(args) -> int`."""
     recipe = subparsers.add_parser("recipe", help="end-to-end experiment recipes")
     sub = recipe.add_subparsers(dest="recipe_command", required=True)
     toy = sub.add_parser(
@@ -42,6 +42,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     toy.add_argument("--context", type=float, default=None, help="student window / target side; 0 = whole images")
     toy.add_argument("--smoke", action="store_true", help="reduced sizes, 1 seed, a couple of minutes (CI)")
     toy.set_defaults(func=_toy)
+    from vzero.recipes.prior_trap_commands import add_parser
+
+    add_parser(sub)
 
 
 def _toy(args: argparse.Namespace) -> int:

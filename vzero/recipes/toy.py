@@ -244,19 +244,28 @@ def run_overrides(plan: ToyPlan, method: str, seed: int, model: Path, train: Pat
     return ov
 
 
+def finished_run(overrides: list[str]) -> tuple[Path, float] | None:
+    """(run dir, wall seconds) of a run that finished earlier with exactly these overrides, else None."""
+    out = Path(load_config(BASE_CONFIG, overrides).output_dir)
+    done = out / "wall.json"
+    if latest_checkpoint(out / "checkpoints") is not None and done.exists():
+        record = json.loads(done.read_text())
+        if record.get("overrides") == overrides:
+            return out, record["seconds"]
+    return None
+
+
 def train_run(overrides: list[str]) -> tuple[Path, float]:
     """One `vzero train` through the real driver; returns (run dir, wall seconds incl. actor start-up).
 
     A run that finished earlier with exactly these overrides is reused; anything else in its directory is removed."""
     from vzero.driver import train
 
+    if (earlier := finished_run(overrides)) is not None:
+        return earlier
     cfg = load_config(BASE_CONFIG, overrides)
     out = Path(cfg.output_dir)
     done = out / "wall.json"
-    if latest_checkpoint(out / "checkpoints") is not None and done.exists():
-        record = json.loads(done.read_text())
-        if record.get("overrides") == overrides:
-            return out, record["seconds"]
     shutil.rmtree(out, ignore_errors=True)
     t0 = time.perf_counter()
     train(cfg)
