@@ -7,7 +7,8 @@ checkpoints and final weights (within 1e-6 on CPU).
 
 - The driver (the real `vzero train` CLI in its own session) is SIGKILLed mid-rollout and mid-learner step, and
   resumed each time; a damaged newest checkpoint (truncated weights) is skipped with a warning naming it and written
-  again. (Kills while a checkpoint is written or committed: the full matrix below.) The points are hit exactly with the pause hook of vzero/fault_points.py.
+  again. (Kills while a checkpoint is written or committed: the full matrix below.) The points are hit exactly
+  with the pause hook of vzero/fault_points.py.
 - A full disk (a tmpfs, root only) while a checkpoint is written stops the run with exit status 2 and a message
   naming the path and the free space, leaving the previous checkpoint intact; a learner process killed mid-step stops
   it with exit status 3 and a message that says to resume; `--resume` gets past both.
