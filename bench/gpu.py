@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-STAGES = ("rollout", "teacher", "learner", "push", "step")
+STAGES = ("rollout", "teacher", "learner", "push", "step", "shared_prefix")
 
 
 def _args(argv: list[str] | None) -> argparse.Namespace:
@@ -155,6 +155,8 @@ def run(a: argparse.Namespace) -> dict:
             lambda mode: _config(a, model, data, work / f"run-{mode}", cuda, mode=mode, max_staleness=1)
         )
     ray.shutdown()
+    if "shared_prefix" in a.stages:  # after the actors are gone: its own engines get the device
+        S["shared_prefix"] = _shared_prefix_stage(a)
     return res
 
 
@@ -262,17 +264,6 @@ def collective_push(a: argparse.Namespace) -> dict:
 # Teacher scored tokens/s (raw vLLM prompt_logprobs vs vLLM / transformers shared-prefix scoring) and learner step
 # seconds (shared vs unshared forward/backward) at >= 256 image tokens, n = 8, responses <= 128 tokens, plus the
 # image-token and n sweeps. A subprocess: its engines and models leave the GPU when it exits.
-STAGES = (*STAGES, "shared_prefix")
-_run_stages = run
-
-
-def run(a: argparse.Namespace) -> dict:
-    res = _run_stages(a)
-    if "shared_prefix" in a.stages:
-        res["stages"]["shared_prefix"] = _shared_prefix_stage(a)
-    return res
-
-
 def _shared_prefix_stage(a: argparse.Namespace) -> dict:
     import subprocess
 
